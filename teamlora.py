@@ -1,0 +1,332 @@
+"""TeamLoRA and its baselines as drop-in wrappers for nn.Linear. Imports only torch.
+
+Copy this one file into any project:
+
+    import teamlora
+    teamlora.add_adapters(model, "teamlora", rank=8, experts=4)   # FFN layers by default
+    ...train; the loss may add  coef * teamlora.adapter_aux_loss(model, mask)
+    torch.save(teamlora.adapter_state_dict(model), "adapters.pt")
+
+Every adapter adds a trainable bypass delta(x) to a frozen layer y = W0 x (+ b). Routing is
+per token, over the last dimension of inputs of any shape (..., d_in).
+
+    lora       delta = s B A drop(x)                          A (r, d_in), B (d_out, r), s = alpha / r
+    moelora    delta = s sum_i g_i B_i A_i drop(x)            k independent experts, g = router(x)
+    hydralora  delta = s sum_i g_i B_i A drop(x)              one shared A (r, d_in), k heads B_i
+    teamlora   z = A drop(x), split into z_1..z_k             A (k r, d_in), expert i reads slice z_i
+               delta = s sum_i w_i B_i z_i                    B_i (d_out, r), w = router(x)
+
+Routers (`router=`), always computed in float32:
+    softmax    g = softmax(W_g x)                              sums to 1 per token
+    shapley    phi = softmax(W_S x);  w~ = M phi;  w = k w~ / sum_j w~_j
+               M (k, k) learnable, init I + U(-0.1, 0.1) off the diagonal; w sums to k per token.
+teamlora uses `shapley` by default, the others `softmax`; switching gives the paper's ablations
+(teamlora + softmax: collaboration only; moelora + shapley: competition only).
+
+TeamLoRA's fused form: since w_i is one scalar per token, sum_i w_i B_i z_i = B_cat (w (x) 1_r * z),
+with B_cat = [B_1 ... B_k] of shape (d_out, k r) stored as `lora_B`. The weights scale the k r
+rank coordinates, never the d_out outputs: two matrix products, the cost of one LoRA of rank k r.
+MoELoRA keeps the published loop over experts (k full (tokens, d_out) outputs), as the baseline
+the paper timed; HydraLoRA likewise loops over its heads.
+
+Load balance (optional): with p_i the mean over real tokens of expert i's share (g_i, or w_i / k),
+    L_bal = k sum_i (p_i - 1/k)^2,   averaged over adapted layers by `adapter_aux_loss`.
+
+Public API: add_adapters, mark_only_adapters_trainable, adapter_state_dict,
+load_adapter_state_dict, adapter_aux_loss, merge_adapters, unmerge_adapters, routing_stats,
+parameter_report, adapter_layers. Base tensors keep their names (`...w1.weight`); every adapter
+tensor's name starts with `lora_`, so base checkpoints load unchanged after injection.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHODS = ("lora", "moelora", "hydralora", "teamlora")
+ROUTERS = ("softmax", "shapley")
+FFN_TARGETS = ("w1", "w2", "w3", "gate_proj", "up_proj", "down_proj")  # Meta and Hugging Face names
+PREFIX = "lora_"
+
+
+class Router(nn.Module):
+    """Per-token expert weights in float32: `softmax` (sum 1) or `shapley` (interaction matrix, sum k)."""
+
+    def __init__(self, d_in, k, kind="softmax"):
+        super().__init__()
+        if kind not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {kind!r}")
+        self.k, self.kind = k, kind
+        self.total = 1.0 if kind == "softmax" else float(k)  # what the weights of one token sum to
+        self.lora_gate = nn.Parameter(torch.empty(k, d_in))  # W_g / W_S: a bias-free linear map
+        nn.init.kaiming_uniform_(self.lora_gate, a=math.sqrt(5))
+        if kind == "shapley":
+            off = torch.empty(k, k).uniform_(-0.1, 0.1).fill_diagonal_(0.0)
+            self.lora_M = nn.Parameter(torch.eye(k) + off)
+
+    def forward(self, x):
+        # Router math stays float32 under bf16 autocast: softmax and the normaliser are sensitive.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            phi = torch.softmax(F.linear(x.float(), self.lora_gate.float()), dim=-1)  # (..., k)
+            if self.kind == "softmax":
+                return phi
+            mixed = phi @ self.lora_M.float().t()  # w~_i = sum_j M_ij phi_j (the paper's M phi)
+            total = mixed.sum(-1, keepdim=True)
+            # Guard the normaliser: keep its sign and hold |sum| >= 1e-6, so a vanishing sum
+            # (M far from its identity init) cannot divide by zero or flip the weights' sign.
+            total = torch.where(total >= 0, total.clamp(min=1e-6), total.clamp(max=-1e-6))
+            return self.k * mixed / total
+
+
+class AdapterLinear(nn.Linear):
+    """Base of the wrappers: holds the frozen `weight`/`bias` of the nn.Linear it replaces, under
+    the same names, and adds delta(x). Subclasses set `lora_*` parameters and `delta`."""
+
+    routed = False
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout):
+        nn.Module.__init__(self)  # reuse base's tensors: no new allocation, same state-dict names
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.scale = rank, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def _init_A(self, *shape):
+        A = torch.empty(*shape, device=self.weight.device)
+        for a in A.view(-1, *shape[-2:]):  # kaiming-uniform per (r, d_in) matrix, as nn.Linear does
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        return nn.Parameter(A)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        # Adapters keep their own dtype (float32) when the base runs in bf16; autocast, when on, casts the matmuls.
+        return y + self.delta(x.to(self.lora_A.dtype)).to(y.dtype)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, scale={self.scale:g}"
+
+
+class LoRALinear(AdapterLinear):
+    """delta = s B A drop(x); the only method that merges into W0."""
+
+    def __init__(self, base, rank, alpha=32.0, dropout=0.0):
+        super().__init__(base, rank, alpha, dropout)
+        self.lora_A = self._init_A(rank, self.in_features)  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))  # (d_out, r)
+
+    def delta(self, x):
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    @torch.no_grad()
+    def merge(self, sign=1.0):
+        if self.merged == (sign > 0):
+            return
+        dW = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)
+        self.weight.add_((sign * dW).to(self.weight.dtype))
+        self.merged = sign > 0
+
+
+class RoutedLinear(AdapterLinear):
+    """A wrapper with a router. Keeps the last forward's weights for the balance term and statistics."""
+
+    routed = True
+
+    def __init__(self, base, rank, experts, alpha, dropout, router):
+        super().__init__(base, rank, alpha, dropout)
+        self.k = experts
+        self.router = Router(self.in_features, experts, router)
+        self.router.to(self.weight.device)
+        self.last_weights = None  # (..., k) float32, with grad while training
+
+    def route(self, x):
+        w = self.router(x)
+        self.last_weights = w
+        return w
+
+    def merge(self, sign=1.0):
+        raise ValueError(
+            f"{type(self).__name__} cannot be merged into W0: its expert weights depend on each token "
+            "(w(x)), so sum_i w_i(x) B_i A_i is no fixed matrix. Only LoRA merges; keep routed adapters unmerged."
+        )
+
+
+class MoELoRALinear(RoutedLinear):
+    """k independent LoRA experts, weighted in the output space by a loop (the published baseline)."""
+
+    def __init__(self, base, rank, experts=4, alpha=32.0, dropout=0.0, router="softmax"):
+        super().__init__(base, rank, experts, alpha, dropout, router)
+        self.lora_A = self._init_A(experts, rank, self.in_features)  # (k, r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(experts, self.out_features, rank, device=self.weight.device))
+
+    def delta(self, x):
+        g = self.route(x).to(x.dtype)  # (..., k)
+        x = self.dropout(x)
+        out = 0
+        for i in range(self.k):  # each expert: a full (..., d_out) output, then weighted
+            out = out + g[..., i : i + 1] * F.linear(F.linear(x, self.lora_A[i]), self.lora_B[i])
+        return out * self.scale
+
+
+class HydraLoRALinear(RoutedLinear):
+    """One shared A of rank r, k heads B_i, each head weighted in the output space."""
+
+    def __init__(self, base, rank, experts=4, alpha=32.0, dropout=0.0, router="softmax"):
+        super().__init__(base, rank, experts, alpha, dropout, router)
+        self.lora_A = self._init_A(rank, self.in_features)  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(experts, self.out_features, rank, device=self.weight.device))
+
+    def delta(self, x):
+        g = self.route(x).to(x.dtype)  # (..., k)
+        z = F.linear(self.dropout(x), self.lora_A)  # (..., r), shared by every head
+        out = 0
+        for i in range(self.k):
+            out = out + g[..., i : i + 1] * F.linear(z, self.lora_B[i])
+        return out * self.scale
+
+
+class TeamLoRALinear(RoutedLinear):
+    """Shared A of rank k r split into k slices, expert B_i reads slice i; fused: two matmuls."""
+
+    def __init__(self, base, rank, experts=4, alpha=32.0, dropout=0.0, router="shapley"):
+        super().__init__(base, rank, experts, alpha, dropout, router)
+        self.lora_A = self._init_A(experts * rank, self.in_features)  # (k r, d_in)
+        # B_cat = [B_1 ... B_k]: expert i owns columns i r .. (i+1) r - 1.
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, experts * rank, device=self.weight.device))
+
+    def delta(self, x):
+        w = self.route(x).to(x.dtype)  # (..., k)
+        z = F.linear(self.dropout(x), self.lora_A)  # (..., k r)
+        z = (z.unflatten(-1, (self.k, self.rank)) * w.unsqueeze(-1)).flatten(-2)  # z_i *= w_i, in the rank space
+        return F.linear(z, self.lora_B) * self.scale  # (..., d_out)
+
+    def delta_loop(self, x):
+        """The same delta computed expert by expert (the definition; used to test the fused form)."""
+        w = self.route(x).to(x.dtype)
+        z = F.linear(self.dropout(x), self.lora_A).split(self.rank, dim=-1)
+        B = self.lora_B.split(self.rank, dim=-1)
+        return sum(w[..., i : i + 1] * F.linear(z[i], B[i]) for i in range(self.k)) * self.scale
+
+
+WRAPPERS = {"lora": LoRALinear, "moelora": MoELoRALinear, "hydralora": HydraLoRALinear, "teamlora": TeamLoRALinear}
+
+
+def add_adapters(model, method, rank, experts=4, alpha=32.0, dropout=0.05, targets=FFN_TARGETS, router=None):
+    """Replace every nn.Linear whose module name ends in one of `targets` by `method`'s wrapper,
+    then freeze everything but the adapters. `rank` is the per-expert rank r, `experts` is k;
+    `router=None` picks the method's own (teamlora: shapley, others: softmax). Returns the model."""
+    if method not in WRAPPERS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if rank < 1 or experts < 1:
+        raise ValueError(f"rank and experts must be >= 1, got rank={rank}, experts={experts}")
+    kwargs = dict(alpha=alpha, dropout=dropout)
+    if method != "lora":
+        kwargs.update(experts=experts, router=router or ("shapley" if method == "teamlora" else "softmax"))
+    elif router not in (None, "softmax"):
+        raise ValueError(f"method 'lora' has no router, got router={router!r}")
+    targets = set(targets)
+    found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets]
+    if not found:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no nn.Linear named {sorted(targets)} in the model; its linear layers are named {names}")
+    for name, linear in found:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, WRAPPERS[method](linear, rank, **kwargs))
+    mark_only_adapters_trainable(model)
+    return model
+
+
+def adapter_layers(model):
+    """(name, wrapper) for every adapted layer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
+
+
+def mark_only_adapters_trainable(model):
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.rsplit(".", 1)[-1].startswith(PREFIX))
+
+
+def adapter_state_dict(model):
+    """Adapter tensors only (router included), keyed by their full names."""
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if n.rsplit(".", 1)[-1].startswith(PREFIX)}
+
+
+def load_adapter_state_dict(model, state):
+    """Load adapter tensors; a missing or unexpected adapter key, or a wrong shape, is an error."""
+    own = adapter_state_dict(model)
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(
+            "adapter state does not match the model (same method, rank, experts, router and targets?): "
+            f"missing {len(missing)} {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
+        )
+    for n, t in state.items():
+        if own[n].shape != t.shape:
+            raise ValueError(f"adapter tensor {n}: checkpoint shape {tuple(t.shape)}, model {tuple(own[n].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def _shares(layer, mask):
+    """Per-token expert shares (tokens, k) summing to 1, restricted to real tokens when mask is given."""
+    p = layer.last_weights / layer.router.total
+    p = p.reshape(-1, layer.k)
+    if mask is not None:
+        p = p[mask.reshape(-1).to(p.device).bool()]
+    return p
+
+
+def adapter_aux_loss(model, mask=None):
+    """L_bal = k sum_i (p_i - 1/k)^2 of the last forward, averaged over routed layers (0 if none).
+    mask: (...) of the input's leading shape, true on real (non-padding) tokens."""
+    losses = []
+    for _, layer in adapter_layers(model):
+        if layer.routed and layer.last_weights is not None:
+            p = _shares(layer, mask).mean(0)  # (k,)
+            losses.append(layer.k * ((p - 1.0 / layer.k) ** 2).sum())
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+@torch.no_grad()
+def routing_stats(model, mask=None):
+    """Per routed layer, from the last forward: {"weight_sum": (k,) sum over tokens of each expert's
+    share, "entropy_sum": sum over tokens of the routing entropy (nats), "tokens": count}. Sums, so
+    callers can accumulate over batches; mean share = weight_sum / tokens. Shapley weights can dip
+    below 0; the entropy uses the shares clamped at 0 and renormalised."""
+    stats = {}
+    for name, layer in adapter_layers(model):
+        if layer.routed and layer.last_weights is not None:
+            p = _shares(layer, mask).float()
+            q = p.clamp(min=0)
+            q = q / q.sum(-1, keepdim=True).clamp(min=1e-12)
+            entropy = -(q * q.clamp(min=1e-12).log()).sum(-1)
+            stats[name] = {"weight_sum": p.sum(0).cpu(), "entropy_sum": entropy.sum().item(), "tokens": p.shape[0]}
+    return stats
+
+
+def merge_adapters(model):
+    """Fold LoRA into W0 for inference (raises on routed methods)."""
+    for _, layer in adapter_layers(model):
+        layer.merge(+1.0)
+
+
+def unmerge_adapters(model):
+    for _, layer in adapter_layers(model):
+        if layer.merged:
+            layer.merge(-1.0)
+
+
+def parameter_report(model):
+    """Parameter counts: total (base + adapters), base, adapter (router excluded), router,
+    trainable, and the trainable share of the base model in percent."""
+    count = {"adapter": 0, "router": 0, "total": 0, "trainable": 0}
+    for n, p in model.named_parameters():
+        leaf = n.rsplit(".", 1)[-1]
+        count["total"] += p.numel()
+        count["trainable"] += p.numel() if p.requires_grad else 0
+        if leaf.startswith(PREFIX):
+            count["router" if ".router." in f".{n}" else "adapter"] += p.numel()
+    count["base"] = count["total"] - count["adapter"] - count["router"]
+    count["trainable_pct"] = 100.0 * count["trainable"] / max(count["base"], 1)
+    return count

@@ -1,0 +1,274 @@
+"""teamlora.py on small stand-in models (no project model needed): exactness, API, copyability."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import teamlora as tl
+
+
+class MetaFFN(nn.Module):
+    def __init__(self, d=16, h=24):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(d, h, bias=False), nn.Linear(h, d, bias=False), nn.Linear(d, h, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class HFBlock(nn.Module):
+    """A stand-in with Hugging Face module names, biases, and a non-target linear."""
+
+    def __init__(self, d=16, h=24):
+        super().__init__()
+        self.self_attn = nn.ModuleDict({"q_proj": nn.Linear(d, d)})
+        self.mlp = nn.ModuleDict(
+            {"gate_proj": nn.Linear(d, h), "up_proj": nn.Linear(d, h), "down_proj": nn.Linear(h, d)}
+        )
+
+    def forward(self, x):
+        x = x + self.self_attn["q_proj"](x)
+        m = self.mlp
+        return x + m["down_proj"](F.silu(m["gate_proj"](x)) * m["up_proj"](x))
+
+
+class HFModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList([HFBlock(), HFBlock()])
+        self.lm_head = nn.Linear(16, 50, bias=False)
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+def randomize_adapters(model, seed=0):
+    """Fresh B are zero; give every adapter tensor a nonzero value so comparisons mean something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.rsplit(".", 1)[-1].startswith("lora_") and not n.endswith("lora_M"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("method", tl.METHODS)
+def test_fresh_adapters_leave_output_unchanged_and_freeze_base(method):
+    torch.manual_seed(0)
+    model, x = HFModel(), torch.randint(0, 50, (2, 5))
+    ref = model(x)
+    tl.add_adapters(model, method, rank=4, experts=3, dropout=0.0)
+    assert torch.equal(model(x), ref)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.rsplit(".", 1)[-1].startswith("lora_") for n in trainable)
+    adapted = [n for n, _ in tl.adapter_layers(model)]
+    assert len(adapted) == 6 and not any("q_proj" in n or "lm_head" in n for n in adapted)
+
+
+def test_base_keeps_tensor_names_so_base_checkpoint_loads_unchanged():
+    torch.manual_seed(0)
+    base = HFModel()
+    state = base.state_dict()
+    model = tl.add_adapters(HFModel(), "teamlora", rank=2)
+    result = model.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.rsplit(".", 1)[-1].startswith("lora_") for k in result.missing_keys)
+    assert set(state) <= set(model.state_dict())
+
+
+def test_teamlora_fused_form_equals_expert_loop():
+    torch.manual_seed(0)
+    layer = tl.TeamLoRALinear(nn.Linear(16, 12), rank=3, experts=4, dropout=0.0)
+    randomize_adapters(layer)
+    x = torch.randn(2, 7, 16)
+    fused, loop = layer.delta(x), layer.delta_loop(x)
+    assert fused.abs().max() > 0.1
+    torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)
+
+
+def test_teamlora_matches_the_equations_written_out():
+    """delta = s sum_i w_i B_i z_i with w = k (M phi) / sum(M phi), computed here by hand."""
+    torch.manual_seed(1)
+    k, r = 3, 2
+    layer = tl.TeamLoRALinear(nn.Linear(8, 5, bias=False), rank=r, experts=k, alpha=4.0, dropout=0.0)
+    randomize_adapters(layer)
+    x = torch.randn(8)
+    phi = torch.softmax(layer.router.lora_gate @ x, 0)
+    wt = layer.router.lora_M @ phi
+    w = k * wt / wt.sum()
+    z = layer.lora_A @ x
+    expect = sum(w[i] * layer.lora_B[:, i * r : (i + 1) * r] @ z[i * r : (i + 1) * r] for i in range(k)) * (4.0 / r)
+    torch.testing.assert_close(layer.delta(x), expect, rtol=1e-5, atol=1e-6)
+    assert torch.isclose(layer.router(x).sum(), torch.tensor(float(k)))
+
+
+def test_shapley_init_is_identity_plus_small_off_diagonal():
+    M = tl.Router(16, 4, "shapley").lora_M
+    assert torch.equal(M.diagonal(), torch.ones(4))
+    off = M - torch.diag(M.diagonal())
+    assert off.abs().max() <= 0.1 and off.abs().max() > 0
+
+
+def test_teamlora_k1_softmax_equals_lora():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    lora = tl.LoRALinear(base, rank=4, alpha=8.0)
+    team = tl.TeamLoRALinear(base, rank=4, experts=1, alpha=8.0, router="softmax")
+    randomize_adapters(lora)
+    team.lora_A.data.copy_(lora.lora_A)
+    team.lora_B.data.copy_(lora.lora_B)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(team(x), lora(x), rtol=1e-6, atol=1e-6)
+
+
+def test_moelora_and_hydralora_match_their_equations():
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    moe = tl.MoELoRALinear(nn.Linear(16, 12), rank=2, experts=3, alpha=4.0)
+    hyd = tl.HydraLoRALinear(nn.Linear(16, 12), rank=2, experts=3, alpha=4.0)
+    for m in (moe, hyd):
+        randomize_adapters(m)
+    g = torch.softmax(x @ moe.router.lora_gate.t(), -1)
+    expect = sum(g[:, i : i + 1] * (x @ moe.lora_A[i].t() @ moe.lora_B[i].t()) for i in range(3)) * 2.0
+    torch.testing.assert_close(moe.delta(x), expect, rtol=1e-5, atol=1e-6)
+    g = torch.softmax(x @ hyd.router.lora_gate.t(), -1)
+    expect = sum(g[:, i : i + 1] * (x @ hyd.lora_A.t() @ hyd.lora_B[i].t()) for i in range(3)) * 2.0
+    torch.testing.assert_close(hyd.delta(x), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_merge_unmerge():
+    torch.manual_seed(0)
+    model = tl.add_adapters(MetaFFN(), "lora", rank=4, dropout=0.0)
+    randomize_adapters(model)
+    model.eval()
+    x = torch.randn(4, 16)
+    w0 = model.w1.weight.clone()
+    ref = model(x)
+    tl.merge_adapters(model)
+    assert not torch.equal(model.w1.weight, w0)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+    tl.merge_adapters(model)  # idempotent
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+    tl.unmerge_adapters(model)
+    torch.testing.assert_close(model.w1.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["moelora", "hydralora", "teamlora"])
+def test_merge_refused_for_routed_methods(method):
+    model = tl.add_adapters(MetaFFN(), method, rank=2)
+    with pytest.raises(ValueError, match="depend on each token"):
+        tl.merge_adapters(model)
+
+
+@pytest.mark.parametrize("method", tl.METHODS)
+def test_adapter_state_dict_round_trip(method):
+    torch.manual_seed(0)
+    base_state = HFModel().state_dict()
+    a = HFModel()
+    a.load_state_dict(base_state)
+    tl.add_adapters(a, method, rank=2, experts=3)
+    randomize_adapters(a, seed=3)
+    state = tl.adapter_state_dict(a)
+    assert state and all(k.rsplit(".", 1)[-1].startswith("lora_") for k in state)
+    torch.manual_seed(123)  # a different adapter init in the fresh model
+    b = HFModel()
+    b.load_state_dict(base_state)
+    tl.add_adapters(b, method, rank=2, experts=3)
+    tl.load_adapter_state_dict(b, state)
+    x = torch.randint(0, 50, (2, 6))
+    a.eval(), b.eval()
+    assert torch.equal(a(x), b(x))
+
+
+def test_load_adapter_state_dict_reports_mismatch():
+    a = tl.add_adapters(MetaFFN(), "teamlora", rank=2)
+    state = tl.adapter_state_dict(a)
+    b = tl.add_adapters(MetaFFN(), "lora", rank=2)
+    with pytest.raises(ValueError, match="missing .*unexpected"):
+        tl.load_adapter_state_dict(b, state)
+    c = tl.add_adapters(MetaFFN(), "teamlora", rank=3)
+    with pytest.raises(ValueError, match="shape"):
+        tl.load_adapter_state_dict(c, state)
+
+
+def test_no_target_found_names_the_layers():
+    with pytest.raises(ValueError, match="gate_proj"):
+        tl.add_adapters(HFModel(), "lora", rank=2, targets=("nope",))
+
+
+@pytest.mark.parametrize("method", ["moelora", "hydralora", "teamlora"])
+@pytest.mark.parametrize("router", tl.ROUTERS)
+def test_every_trainable_parameter_gets_a_gradient(method, router):
+    torch.manual_seed(0)
+    model = tl.add_adapters(HFModel(), method, rank=2, experts=3, router=router)
+    randomize_adapters(model)
+    x = torch.randint(0, 50, (2, 5))
+    loss = model(x).pow(2).mean() + 0.1 * tl.adapter_aux_loss(model)
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_aux_loss_zero_when_uniform_and_respects_mask():
+    layer = tl.TeamLoRALinear(nn.Linear(4, 4), rank=1, experts=2)
+    model = nn.Sequential(layer)
+    layer.last_weights = torch.tensor([[[1.0, 1.0], [2.0, 0.0]]])  # shares (.5,.5) and (1,0)
+    assert tl.adapter_aux_loss(model, mask=torch.tensor([[True, False]])).item() == pytest.approx(0.0)
+    # unmasked: p = (.75, .25) -> 2 * (.25^2 + .25^2) = 0.25
+    assert tl.adapter_aux_loss(model).item() == pytest.approx(0.25)
+
+
+def test_routing_stats_sum_to_token_counts():
+    torch.manual_seed(0)
+    model = tl.add_adapters(HFModel(), "teamlora", rank=2, experts=4)
+    x = torch.randint(0, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 4:] = False
+    model(x)
+    stats = tl.routing_stats(model, mask)
+    assert len(stats) == 6
+    for s in stats.values():
+        assert s["tokens"] == int(mask.sum())
+        assert s["weight_sum"].sum().item() == pytest.approx(s["tokens"], rel=1e-5)
+        assert 0 < s["entropy_sum"] / s["tokens"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+
+
+def test_router_float32_under_bf16_and_any_batch_shape():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = tl.TeamLoRALinear(base, rank=2, experts=4)
+    assert layer.lora_A.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 5, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.shape == (2, 3, 5, 8) and y.dtype == torch.bfloat16
+    assert layer.last_weights.dtype == torch.float32
+
+
+def test_parameter_report_counts():
+    model = tl.add_adapters(MetaFFN(16, 24), "teamlora", rank=2, experts=4)
+    rep = tl.parameter_report(model)
+    # per layer: A (8, d_in) + B (d_out, 8); router gate (4, d_in) + M (4, 4)
+    adapter = 8 * (16 + 24) * 2 + 8 * (24 + 16)
+    router = (4 * 16 + 16) * 2 + (4 * 24 + 16)
+    assert rep["adapter"] == adapter and rep["router"] == router
+    assert rep["base"] == 3 * 16 * 24 and rep["trainable"] == adapter + router
+    assert rep["trainable_pct"] == pytest.approx(100 * (adapter + router) / (3 * 16 * 24))
+
+
+def test_file_imports_alone(tmp_path):
+    src = Path(tl.__file__).read_text()
+    imports = {line.split()[1].split(".")[0] for line in src.splitlines() if line.startswith(("import ", "from "))}
+    assert imports <= {"torch", "math"}, imports
+    (tmp_path / "teamlora.py").write_text(src)
+    code = "import teamlora, torch; m = torch.nn.Sequential(); m.w1 = torch.nn.Linear(4, 4); teamlora.add_adapters(m, 'teamlora', 2)"
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env={"PYTHONPATH": str(tmp_path)})
