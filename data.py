@@ -1,0 +1,370 @@
+"""Data for multi-task fine-tuning: reading a task mixture, the prompt template, loss masks,
+temperature-based task sampling, and the tokenizer and text for pretraining a tiny base.
+
+    import data
+    train, test = data.load_mixture("my_mixture/")        # or load_mixture() for the built-in one
+    ds = data.TaskDataset(train, tok, seq_len=256)
+    sampler = data.MixtureSampler(ds.task_of, temperature=2.0, rank=rank, world_size=world_size)
+    order = sampler.epoch(epoch)                           # this rank's indices for this epoch
+    for i in range(0, len(order), batch_size):
+        batch = data.collate([ds[j] for j in order[i:i + batch_size]], tok.pad_id)
+
+`python data.py [mixture]` checks a mixture and prints its tasks and label counts.
+
+The format: JSON Lines, one example per line (blank lines are skipped),
+
+    {"task": "nli", "instruction": "Does the premise entail the hypothesis? ...",
+     "input": "Premise: ... Hypothesis: ...", "output": "neutral",
+     "choices": ["entailment", "neutral", "contradiction"]}
+
+task, instruction, input and output are strings (task and output not empty; input may be
+empty). choices is optional: a list of two or more distinct strings that contains output; it
+makes the example scorable by likelihood (each choice's answer tokens are scored, the best
+wins). Within a task either every example has choices or none has. Any other key is an error,
+so a misspelt "ouput" cannot silently drop data.
+
+A mixture is either a directory holding train.jsonl and test.jsonl (either may be gzipped,
+train.jsonl.gz), or a single .jsonl (.jsonl.gz) file: all of it is training data and the test
+split is empty. Every task in test must have training examples. Errors name the file and line.
+
+The prompt (prompt_text) is fixed; the Input block is left out when input is empty:
+
+    ### Instruction:
+    {instruction}
+
+    ### Input:
+    {input}
+
+    ### Response:
+    {output}</s>
+
+The loss covers the answer tokens and the end-of-sequence token only.
+"""
+import gzip
+import io
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import sentencepiece as spm
+import torch
+
+BUILTIN = Path(__file__).parent / "data" / "minicme"
+CORPUS = Path(__file__).parent / "data" / "austen.txt.gz"
+IGNORE = -100  # target value that F.cross_entropy(ignore_index=-100) skips
+
+FIELDS = ("task", "instruction", "input", "output")
+
+
+@dataclass
+class Example:
+    task: str
+    instruction: str
+    input: str
+    output: str
+    choices: Optional[list[str]] = None
+    where: str = ""  # "path:line", for error messages
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _example(obj, where: str) -> Example:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in obj:
+        if key not in FIELDS + ("choices",):
+            raise ValueError(f"{where}: unknown key {key!r} (allowed: {', '.join(FIELDS)}, choices)")
+    for key in FIELDS:
+        if key not in obj:
+            raise ValueError(f"{where}: missing field {key!r}")
+        if not isinstance(obj[key], str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+    for key in ("task", "output"):
+        if not obj[key].strip():
+            raise ValueError(f"{where}: field {key!r} is empty")
+    choices = obj.get("choices")
+    if choices is not None:
+        if not (isinstance(choices, list) and len(choices) >= 2
+                and all(isinstance(c, str) and c.strip() for c in choices)):
+            raise ValueError(f"{where}: 'choices' must be a list of two or more non-empty strings")
+        if len(set(choices)) < len(choices):
+            raise ValueError(f"{where}: 'choices' has duplicates: {choices}")
+        if obj["output"] not in choices:
+            raise ValueError(f"{where}: output {obj['output']!r} is not one of its choices {choices}")
+    return Example(**obj, where=where)
+
+
+def read_jsonl(path) -> list[Example]:
+    """Read and check one .jsonl or .jsonl.gz file."""
+    path = Path(path)
+    examples = []
+    # Bytes, not text: a bad UTF-8 sequence is then reported on its own line like bad JSON.
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                raise ValueError(f"{where}: invalid JSON ({e})") from None
+            examples.append(_example(obj, where))
+    if not examples:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+def _split_file(folder: Path, split: str) -> Path:
+    found = [p for p in (folder / f"{split}.jsonl", folder / f"{split}.jsonl.gz") if p.exists()]
+    if not found:
+        raise FileNotFoundError(f"{folder}: no {split}.jsonl (or {split}.jsonl.gz); a mixture "
+                                f"directory holds train.jsonl and test.jsonl")
+    if len(found) > 1:
+        raise ValueError(f"{folder}: both {split}.jsonl and {split}.jsonl.gz exist; keep one")
+    return found[0]
+
+
+def load_mixture(path=None) -> tuple[list[Example], list[Example]]:
+    """(train, test) from a mixture directory or a single .jsonl file; None: the built-in one."""
+    path = BUILTIN if path is None else Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        train, test = read_jsonl(_split_file(path, "train")), read_jsonl(_split_file(path, "test"))
+    else:
+        train, test = read_jsonl(path), []
+    trained = {ex.task for ex in train}
+    first = {}  # task -> its first example, which decides whether the task has choices
+    for ex in train + test:
+        if ex.task not in trained:
+            raise ValueError(f"{ex.where}: task {ex.task!r} has no training examples")
+        seen = first.setdefault(ex.task, ex)
+        if (ex.choices is None) != (seen.choices is None):
+            raise ValueError(f"{ex.where}: task {ex.task!r} mixes examples with and without "
+                             f"'choices' (compare {seen.where})")
+    return train, test
+
+
+# ----------------------------------------------------------------------------- prompts and loss masks
+
+def _prompt_parts(ex: Example) -> tuple[str, str, str]:
+    """The prompt as (before the input, the input, after it), so the input alone can be shortened."""
+    if not ex.input:
+        return f"### Instruction:\n{ex.instruction}\n\n### Response:\n", "", ""
+    return f"### Instruction:\n{ex.instruction}\n\n### Input:\n", ex.input, "\n\n### Response:\n"
+
+
+def prompt_text(ex: Example) -> str:
+    """The fixed prompt; the answer that follows it is output + EOS."""
+    return "".join(_prompt_parts(ex))
+
+
+def encode_example(tok, ex: Example, seq_len: int,
+                   answer: Optional[str] = None) -> tuple[list[int], list[int], bool]:
+    """(input_ids, targets, truncated) for one example; answer replaces ex.output (to score a choice).
+
+    ids = bos + prompt + answer + eos; input_ids = ids[:-1], targets = ids[1:] with IGNORE
+    wherever the target is still prompt, so only the answer and EOS are learned. An example
+    longer than seq_len loses tokens from the end of its input, never instruction or answer.
+    """
+    # The parts are encoded separately so the answer starts on a token boundary. With a
+    # SentencePiece dummy prefix each part starts with "▁": the answer is then tokenized like
+    # the word in running text ("▁neutral"), the token that pretraining has taught.
+    head, body, tail = (tok.encode(s, bos=False, eos=False) for s in _prompt_parts(ex))
+    ans = tok.encode(ex.output if answer is None else answer, bos=False, eos=False)
+    fixed = 1 + len(head) + len(tail) + len(ans) + 1
+    room = seq_len + 1 - fixed  # ids may hold seq_len + 1 tokens: inputs and targets are its shifts
+    if room < 0:
+        raise ValueError(f"{ex.where or 'example'}: {fixed - 1} tokens even with the input removed "
+                         f"(answer {len(ans)}), more than seq_len {seq_len}")
+    truncated = len(body) > room
+    prompt = [tok.bos_id] + head + body[:room] + tail
+    ids = prompt + ans + [tok.eos_id]
+    targets = [IGNORE] * (len(prompt) - 1) + ids[len(prompt):]
+    return ids[:-1], targets, truncated
+
+
+class TaskDataset:
+    """Encoded examples with task ids; item i is (input_ids, targets, task_id).
+
+    tasks: the names that task ids index, sorted; pass the training set's list to a test set
+    so that both number the tasks alike.
+    """
+
+    def __init__(self, examples: list[Example], tok, seq_len: int, tasks: Optional[list[str]] = None,
+                 verbose: bool = True):
+        self.examples = examples
+        self.tasks = sorted({ex.task for ex in examples}) if tasks is None else list(tasks)
+        index = {t: i for i, t in enumerate(self.tasks)}
+        self.items, self.task_of, self.n_truncated = [], [], 0
+        for ex in examples:
+            if ex.task not in index:
+                raise ValueError(f"{ex.where or 'example'}: task {ex.task!r} is not one of {self.tasks}")
+            x, y, truncated = encode_example(tok, ex, seq_len)
+            self.items.append((x, y))
+            self.task_of.append(index[ex.task])
+            self.n_truncated += truncated
+        if self.n_truncated and verbose:
+            print(f"truncated {self.n_truncated} of {len(examples)} examples "
+                  f"(input shortened to fit seq_len {seq_len})")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return (*self.items[i], self.task_of[i])
+
+
+def collate(items, pad_id: int) -> dict:
+    """Right-pad a list of dataset items to the longest: tokens with pad_id, targets with IGNORE."""
+    T = max(len(x) for x, _, _ in items)
+    tokens = torch.full((len(items), T), pad_id, dtype=torch.long)  # (B, T)
+    targets = torch.full((len(items), T), IGNORE, dtype=torch.long)  # (B, T)
+    for i, (x, y, _) in enumerate(items):
+        tokens[i, :len(x)] = torch.tensor(x)
+        targets[i, :len(y)] = torch.tensor(y)
+    task = torch.tensor([t for _, _, t in items], dtype=torch.long)  # (B,)
+    return dict(tokens=tokens, targets=targets, task=task)
+
+
+# ----------------------------------------------------------------------------- task sampling
+
+def _quotas(sizes: list[int], temperature: float) -> list[int]:
+    """Examples per task in one epoch: shares proportional to n_t ** (1/T) of sum(n_t).
+
+    Rounded by largest remainder so they sum exactly; at T = 1 they are the sizes themselves.
+    """
+    total = sum(sizes)
+    weights = [n ** (1 / temperature) for n in sizes]
+    raw = [total * w / sum(weights) for w in weights]
+    quota = [int(r) for r in raw]
+    largest_remainder_first = sorted(range(len(sizes)), key=lambda t: (quota[t] - raw[t], t))
+    for t in largest_remainder_first[:total - sum(quota)]:
+        quota[t] += 1
+    return quota
+
+
+class MixtureSampler:
+    """Which examples one rank trains on in each epoch, with temperature-scaled task shares.
+
+    An epoch has as many examples as the (capped) mixture. Task t gets a share proportional
+    to n_t ** (1/T): T = 1 keeps natural proportions (every example once), larger T flattens
+    them towards uniform. A task under its share is repeated in whole shuffled passes plus part
+    of one more; a task over it gets a fresh random subset each epoch. The global epoch is the
+    same on every rank (seeded by seed and epoch); rank r takes global[r::world_size] after
+    trimming it to a multiple of world_size, so the shards are disjoint and cover it once.
+    """
+
+    def __init__(self, task_of: list[int], temperature: float = 1.0, cap: Optional[int] = None,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if cap is not None and cap < 1:
+            raise ValueError(f"cap must be at least 1, got {cap}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        pools = {}
+        for i, t in enumerate(task_of):
+            pools.setdefault(t, []).append(i)
+        rng = random.Random(f"cap/{seed}")  # the capped subset is fixed for the whole run
+        self.pools = [p if cap is None or len(p) <= cap else rng.sample(p, cap)
+                      for _, p in sorted(pools.items())]
+        self.quota = _quotas([len(p) for p in self.pools], temperature)
+
+    def __len__(self):
+        return sum(self.quota) // self.world_size
+
+    def epoch(self, epoch: int) -> list[int]:
+        rng = random.Random(f"{self.seed}/{epoch}")
+        order = []
+        for pool, left in zip(self.pools, self.quota):
+            while left > 0:  # sampling without replacement within each pass over the task
+                order += rng.sample(pool, min(left, len(pool)))
+                left -= len(pool)
+        rng.shuffle(order)
+        return order[:len(self) * self.world_size][self.rank::self.world_size]
+
+
+def task_proportions(indices: list[int], task_of: list[int]) -> dict[int, float]:
+    """Share of each task id among the sampled indices."""
+    counts = Counter(task_of[i] for i in indices)
+    return {t: counts[t] / len(indices) for t in sorted(counts)}
+
+
+# ----------------------------------------------------------------------------- pretraining a tiny base
+
+def train_tokenizer(texts: Iterable[str], path_prefix, vocab_size: int = 4096) -> Path:
+    """Train a SentencePiece BPE model with LLaMA-like settings; returns "<path_prefix>.model"."""
+    path = Path(f"{path_prefix}.model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    proto = io.BytesIO()
+    spm.set_random_generator_seed(0)  # the input_sentence_size subsample; training is deterministic
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(t for t in texts if t), model_writer=proto,
+        model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True,  # any character still encodes, as UTF-8 bytes
+        split_digits=True,  # numbers become digit sequences instead of arbitrary chunks
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,  # keep text as written
+        max_sentence_length=1 << 16,  # long paragraphs are kept, not dropped
+        input_sentence_size=200_000, shuffle_input_sentence=True,  # seconds, even for a big mixture
+        num_threads=2, minloglevel=2)
+    # Written under a temporary name, then renamed: a reader never sees half a file.
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(proto.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def pretraining_texts(train: list[Example]) -> Iterator[str]:
+    """The built-in corpus, then the mixture's unlabelled text, then each task's answer words.
+
+    Without the mixture's text the answer words never occur in pretraining and their (frozen,
+    tied) embeddings stay untrained. Outputs are left out: the base sees the answer words, but
+    never which input they answer.
+    """
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        for para in re.split(r"\n\s*\n", f.read()):
+            if para.strip():
+                yield " ".join(para.split())  # undo the plain-text edition's hard line wraps
+    for ex in train:
+        yield f"{ex.instruction}\n{ex.input}" if ex.input else ex.instruction
+    for _, choices in dict.fromkeys((ex.task, tuple(ex.choices)) for ex in train if ex.choices):
+        yield "Answers: " + ", ".join(choices)
+
+
+def lm_stream(tok, texts: Iterable[str]) -> torch.Tensor:
+    """All texts as one (N,) token stream, each wrapped in bos ... eos."""
+    ids = []
+    for text in texts:
+        ids += tok.encode(text, bos=True, eos=True)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def lm_batch(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
+    """Random windows of the stream: tokens (B, T) and targets (B, T), the next tokens."""
+    if len(stream) <= seq_len:
+        raise ValueError(f"the token stream has {len(stream)} tokens, need more than seq_len {seq_len}")
+    start = torch.randint(len(stream) - seq_len, (batch_size, 1), generator=generator)  # (B, 1)
+    idx = start + torch.arange(seq_len)  # (B, T)
+    return stream[idx], stream[idx + 1]
+
+
+if __name__ == "__main__":
+    train, test = load_mixture(sys.argv[1] if len(sys.argv) > 1 else None)
+    print(f"{len(train)} train / {len(test)} test examples")
+    for task in sorted({ex.task for ex in train}):
+        for name, split in (("train", train), ("test", test)):
+            labels = Counter(ex.output for ex in split if ex.task == task)
+            if labels:
+                top = ", ".join(f"{k} {v}" for k, v in labels.most_common(4))
+                more = f" (+{len(labels) - 4} more outputs)" if len(labels) > 4 else ""
+                print(f"{task:>12} {name:>5} {sum(labels.values()):6d}: {top}{more}")
