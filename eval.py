@@ -1,0 +1,410 @@
+"""Evaluate a fine-tuned run on its mixture's test split: per-task scores, the majority-class
+baseline, and how the routed experts share the work of each task.
+
+    python eval.py --ckpt runs/teamlora                   # prints the tables, writes runs/teamlora/eval.json
+    torchrun --nproc_per_node 8 eval.py --ckpt runs/teamlora --data my_mix/
+    python eval.py --compare runs/lora runs/teamlora      # one row per run
+
+A task with choices is scored by likelihood: every choice is appended to the prompt as the
+answer, and the one whose answer tokens + EOS are most probable wins (accuracy, macro-F1). A task
+without choices is answered by greedy generation (exact match, ROUGE-L). The average is the mean
+over tasks of each task's headline score (accuracy, or exact match), as the paper averages them.
+Under torchrun each rank scores examples[rank::world]; counts are summed with all_reduce.
+"""
+import argparse
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import teamlora
+from data import IGNORE, collate, encode_example, load_mixture
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _normalize(s):
+    """Case-folded, whitespace runs collapsed: "Neutral " and "neutral" are the same answer."""
+    return " ".join(s.split()).casefold()
+
+
+def accuracy(pred, gold):
+    if len(pred) != len(gold):
+        raise ValueError(f"{len(pred)} predictions for {len(gold)} gold labels")
+    return sum(p == g for p, g in zip(pred, gold)) / len(gold) if gold else 0.0
+
+
+def _confusion(pred, gold, labels):
+    """(L, L) counts, row = gold label, column = predicted label; float64 so ranks can all_reduce it."""
+    index = {label: i for i, label in enumerate(labels)}
+    cm = torch.zeros(len(labels), len(labels), dtype=torch.float64)
+    for p, g in zip(pred, gold):
+        if p not in index or g not in index:
+            raise ValueError(f"label {p if p not in index else g!r} is not one of {labels}")
+        cm[index[g], index[p]] += 1
+    return cm
+
+
+def _macro_f1(cm):
+    """Mean over labels of F1 = 2 TP / (2 TP + FP + FN); a label never gold nor predicted is skipped."""
+    tp = cm.diag()
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    seen = tp + fp + fn > 0
+    return (2 * tp / (2 * tp + fp + fn).clamp(min=1))[seen].mean().item() if seen.any() else 0.0
+
+
+def macro_f1(pred, gold, labels):
+    return _macro_f1(_confusion(pred, gold, labels))
+
+
+def exact_match(pred, gold):
+    """1.0 when the answers agree after case folding and whitespace normalisation."""
+    return float(_normalize(pred) == _normalize(gold))
+
+
+def rouge_l(pred, gold):
+    """F1 of the longest common subsequence of whitespace tokens (normalised as in exact_match)."""
+    p, g = _normalize(pred).split(), _normalize(gold).split()
+    if not p or not g:
+        return float(p == g)
+    row = [0] * (len(g) + 1)  # row[j] = LCS(p[:i], g[:j]), one row of the DP table at a time
+    for x in p:
+        diag = 0  # LCS(p[:i-1], g[:j-1])
+        for j, y in enumerate(g, 1):
+            diag, row[j] = row[j], diag + 1 if x == y else max(row[j], row[j - 1])
+    lcs = row[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(g))  # = 2 P R / (P + R), P = lcs/|p|, R = lcs/|g|
+
+
+def headline(scores):
+    """A task's headline score: accuracy for choice tasks, exact match for generated answers."""
+    return scores["accuracy"] if "accuracy" in scores else scores["exact_match"]
+
+
+# ----------------------------------------------------------------------------- running the model
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _batches(items, batch_size, desc):
+    bar = tqdm(range(0, len(items), batch_size), desc=desc, leave=False, disable=_rank_world()[0] != 0)
+    return (items[i : i + batch_size] for i in bar)
+
+
+def _forward(model, items, tok):
+    """Logits (B, T, V) and targets (B, T) of (input_ids, targets) pairs, right-padded: under causal
+    attention a pad never reaches an earlier position, so real tokens see what they would alone."""
+    batch = collate([(x, y, 0) for x, y in items], tok.pad_id)
+    device = _device(model)
+    return model(batch["tokens"].to(device)), batch["targets"].to(device)
+
+
+@torch.no_grad()
+def score_choices(model, tok, examples, seq_len, batch_size=32):
+    """Index of the most likely choice of each example; batch_size counts (example, choice) sequences.
+
+    The score is the summed log-probability of the choice's answer tokens and EOS: the probability
+    of generating exactly that answer and stopping. It favours short labels, since every extra
+    token multiplies in one more probability below 1; most built-in labels are one SentencePiece
+    token, users' labels may not be (FINDINGS.md). Averaging per token would trade that bias for
+    the opposite one, so the score stays the answer's probability.
+    """
+    seqs = [(i, j, *encode_example(tok, ex, seq_len, answer=c)[:2])
+            for i, ex in enumerate(examples) for j, c in enumerate(ex.choices)]
+    # An example too long for seq_len loses input tokens, a few more for a longer choice.
+    seqs.sort(key=lambda s: -len(s[2]))  # neighbours in length share a batch: little padding
+    scores = [[0.0] * len(ex.choices) for ex in examples]
+    for chunk in _batches(seqs, batch_size, "scoring choices"):
+        logits, targets = _forward(model, [(x, y) for _, _, x, y in chunk], tok)
+        answer = targets != IGNORE  # (B, T): the answer tokens and EOS
+        # log_softmax only where an answer token is predicted: (N, V) rows instead of (B, T, V).
+        logp = logits[answer].float().log_softmax(-1).gather(-1, targets[answer].unsqueeze(-1)).squeeze(-1)
+        per_seq = torch.zeros(len(chunk), device=logp.device).index_add_(0, answer.nonzero()[:, 0], logp)  # (B,)
+        for (i, j, _, _), s in zip(chunk, per_seq.tolist()):
+            scores[i][j] = s
+    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+
+
+@torch.no_grad()
+def generate_answers(model, tok, examples, seq_len, max_new_tokens=32, batch_size=32):
+    """Greedy answers (decoded, stripped), at most max_new_tokens each, after a prompt that is
+    shortened like a training example's to fit seq_len."""
+    # With an empty answer, encode_example's inputs are bos + prompt, truncated the same way.
+    prompts = [encode_example(tok, ex, seq_len, answer="")[0] for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers = [""] * len(prompts)
+    for chunk in _batches(order, batch_size, "generating"):
+        out = model.generate([prompts[i] for i in chunk], max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+        for i, ids in zip(chunk, out):
+            answers[i] = tok.decode(ids).strip()
+    return answers
+
+
+def _entropy(p):
+    """Entropy (nats) of a distribution, clamped at 0 and renormalised (Shapley shares can dip below 0)."""
+    q = p.clamp(min=0)
+    q = q / q.sum().clamp(min=1e-12)
+    return -(q * q.clamp(min=1e-12).log()).sum().item()
+
+
+@torch.no_grad()
+def routing_by_task(model, tok, examples, seq_len, batch_size=32):
+    """How each task's tokens are routed: teamlora.routing_stats over one forward of each example's
+    prompt + gold answer, real (non-padding) tokens only. Per task: "tokens", "layers" {name: mean
+    share per expert}, "mean" (the layers' average), "entropy" (mean per-token routing entropy,
+    nats) and "load_entropy" (entropy of "mean"; log k when the load is even). {} if unrouted.
+    Distributed: each rank routes examples[rank::world], sums are all_reduced."""
+    layers = [name for name, layer in teamlora.adapter_layers(model) if layer.routed]
+    if not layers:
+        return {}
+    k = model.get_submodule(layers[0]).k
+    tasks = sorted({ex.task for ex in examples})
+    rank, world = _rank_world()
+    sums = torch.zeros(len(tasks), len(layers), k + 2, dtype=torch.float64)  # per layer: k share sums, entropy, tokens
+    for t, task in enumerate(tasks):
+        items = sorted((encode_example(tok, ex, seq_len)[:2] for ex in examples[rank::world] if ex.task == task),
+                       key=lambda item: -len(item[0]))
+        for chunk in _batches(items, batch_size, f"routing {task}"):
+            logits, _ = _forward(model, chunk, tok)
+            lengths = torch.tensor([len(x) for x, _ in chunk])
+            real = torch.arange(logits.shape[1]) < lengths[:, None]  # (B, T), false on padding
+            stats = teamlora.routing_stats(model, real)
+            for l, name in enumerate(layers):
+                s = stats[name]
+                sums[t, l] += torch.cat([s["weight_sum"].double(), torch.tensor([s["entropy_sum"], s["tokens"]])])
+    sums = _all_reduce(sums, model)
+    out = {}
+    for t, task in enumerate(tasks):
+        tokens = sums[t, 0, -1].clamp(min=1)  # every layer sees the same tokens
+        shares = sums[t, :, :k] / tokens  # (layers, k)
+        mean = shares.mean(0)
+        out[task] = {"tokens": int(sums[t, 0, -1]), "layers": {n: s.tolist() for n, s in zip(layers, shares)},
+                     "mean": mean.tolist(), "entropy": (sums[t, :, k].sum() / tokens / len(layers)).item(),
+                     "load_entropy": _entropy(mean)}
+    return out
+
+
+def _all_reduce(t, model):
+    """Sum a CPU tensor over ranks (on the model's device under nccl, which cannot reduce CPU tensors)."""
+    if not dist.is_initialized():
+        return t
+    device = _device(model) if dist.get_backend() == "nccl" else "cpu"
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+@torch.no_grad()
+def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, limit=None, routing=True):
+    """Scores per task, their average, the majority-class baseline and (routing=True) routing_by_task.
+
+    limit: at most that many examples per task, the first ones. Every rank passes the same examples
+    and gets the same dict back; each scores examples[rank::world] and counts are all_reduced.
+    """
+    by_task = {}
+    for ex in examples:
+        group = by_task.setdefault(ex.task, [])
+        if limit is None or len(group) < limit:
+            group.append(ex)
+    tasks = sorted(by_task)
+    rank, world = _rank_world()
+    was_training = model.training
+    model.eval()
+    try:
+        counts = []  # per task: a flattened confusion matrix, or [n, exact-match sum, ROUGE-L sum]
+        for task in tasks:
+            exs, mine = by_task[task], by_task[task][rank::world]
+            gold = [ex.output for ex in mine]
+            if exs[0].choices:
+                labels = list(dict.fromkeys(c for ex in exs for c in ex.choices))  # the same on every rank
+                picked = score_choices(model, tok, mine, seq_len, batch_size)
+                counts.append(_confusion([ex.choices[i] for ex, i in zip(mine, picked)], gold, labels).flatten())
+            else:
+                answers = generate_answers(model, tok, mine, seq_len, max_new_tokens, batch_size)
+                counts.append(torch.tensor([len(mine), sum(map(exact_match, answers, gold)),
+                                            sum(map(rouge_l, answers, gold))], dtype=torch.float64))
+        counts = _all_reduce(torch.cat(counts), model).split([len(c) for c in counts]) if counts else []
+        scores = {}
+        for task, c in zip(tasks, counts):
+            if by_task[task][0].choices:
+                cm = c.view(math.isqrt(len(c)), -1)
+                scores[task] = {"n": int(cm.sum()), "accuracy": (cm.trace() / cm.sum()).item(),
+                                "macro_f1": _macro_f1(cm)}
+            else:
+                scores[task] = {"n": int(c[0]), "exact_match": (c[1] / c[0]).item(), "rouge_l": (c[2] / c[0]).item()}
+        # The baseline a model must beat: always answer the task's most frequent gold output.
+        majority = {t: Counter(ex.output for ex in by_task[t]).most_common(1)[0][1] / len(by_task[t]) for t in tasks}
+        results = {"average": _mean(headline(s) for s in scores.values()), "tasks": scores,
+                   "majority": {"average": _mean(majority.values()), "tasks": majority},
+                   "routing": routing_by_task(model, tok, [ex for t in tasks for ex in by_task[t]], seq_len,
+                                              batch_size) if routing else {}}
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _table(header, rows):
+    """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
+    cells = [[c if isinstance(c, str) else "-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)
+              for c in row] for row in [header] + rows]
+    width = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    left = [all(isinstance(row[i], str) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if lf else c.rjust(w) for c, w, lf in zip(r, width, left)).rstrip()
+                     for r in cells)
+
+
+def format_table(results):
+    """Per-task scores with the majority baseline, then the routing table (if any)."""
+    rows = [[t, s["n"], headline(s), results["majority"]["tasks"][t], s.get("macro_f1"), s.get("rouge_l")]
+            for t, s in results["tasks"].items()]
+    rows.append(["average", sum(s["n"] for s in results["tasks"].values()), results["average"],
+                 results["majority"]["average"], None, None])
+    text = (_table(["task", "n", "score", "majority", "macro_f1", "rouge_l"], rows) +
+            "\nscore: accuracy (choices) or exact match (generated); majority: always the most frequent answer")
+    routing = results.get("routing") or {}
+    if routing:
+        k = len(next(iter(routing.values()))["mean"])
+        rows = [[t, *r["mean"], r["entropy"], r["load_entropy"]] for t, r in routing.items()]
+        text += (f"\n\nrouting: mean share of each expert over layers and real tokens; entropies in nats "
+                 f"(even split: {math.log(k):.3f})\n"
+                 + _table(["task", *(f"e{i}" for i in range(k)), "entropy", "load_entropy"], rows))
+    return text
+
+
+def save_heatmap(routing, path):
+    """routing.png: tasks x experts, each expert's mean share over layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    tasks = list(routing)
+    shares = [routing[t]["mean"] for t in tasks]  # (tasks, k)
+    k = len(shares[0])
+    fig, ax = plt.subplots(figsize=(2 + 0.7 * k, 1 + 0.45 * len(tasks)))
+    image = ax.imshow(shares, cmap="viridis", vmin=0, aspect="auto")
+    ax.set_xticks(range(k), [f"expert {i}" for i in range(k)])
+    ax.set_yticks(range(len(tasks)), tasks)
+    for y, row in enumerate(shares):
+        for x, v in enumerate(row):
+            ax.text(x, y, f"{v:.2f}", ha="center", va="center", color="w" if v < max(map(max, shares)) / 2 else "k")
+    ax.set_title("mean routing share per task (average over layers)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _read_json(path):
+    if not path.exists():
+        hint = f"run `python eval.py --ckpt {path.parent}` first" if path.name == "eval.json" else "is it a train.py output?"
+        raise FileNotFoundError(f"{path} not found: {hint}")
+    return json.loads(path.read_text())
+
+
+def compare(out_dirs):
+    """One row per run (summary.json + eval.json): its setup, cost, average and per-task scores."""
+    runs = [(Path(d), _read_json(Path(d) / "summary.json"), _read_json(Path(d) / "eval.json")) for d in out_dirs]
+    tasks = sorted({t for _, _, e in runs for t in e["tasks"]})
+    rows = []
+    for d, s, e in runs:
+        routed = s["method"] not in ("lora", "full")
+        rows.append([str(d), s["method"], s["rank"], s["experts"] if routed else None,
+                     (s["router"] or "default") if routed else "-", s["trainable_pct"], round(s["train_time_s"]),
+                     round(s["tokens_per_s"]), e["average"], *(headline(e["tasks"][t]) if t in e["tasks"] else None
+                                                               for t in tasks)])
+    majority = runs[0][2]["majority"]
+    rows.append(["majority class", "", None, None, "", None, None, None, majority["average"],
+                 *(majority["tasks"].get(t) for t in tasks)])
+    header = ["run", "method", "rank", "experts", "router", "trainable%", "time_s", "tokens/s", "average", *tasks]
+    return _table(header, rows) + "\nscores: accuracy (choice tasks) or exact match; trainable% of the base"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def load_checkpoint(out_dir, device="cpu", dtype=torch.float32):
+    """(model, tok, config) from a train.py output directory: base + adapters (or the full model), eval mode."""
+    from model import Transformer, load_tokenizer  # the model is only needed here; the metrics stand alone
+
+    ckpt = torch.load(Path(out_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    config = ckpt["config"]
+    model = Transformer.from_pretrained(config["base"], dtype=dtype, device=device)
+    if config["method"] == "full":
+        model.load_state_dict(ckpt["model"])
+    else:
+        teamlora.add_adapters(model, config["method"], config["rank"], config["experts"], config["alpha"],
+                              config["dropout"], config["targets"], config["router"])
+        teamlora.load_adapter_state_dict(model, ckpt["adapters"])
+    return model.to(device).eval(), load_tokenizer(config["base"]), config
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ckpt", help="a train.py output directory")
+    what.add_argument("--compare", nargs="+", metavar="OUT", help="print one row per evaluated run")
+    p.add_argument("--data", default=None, help="mixture to test on (default: the one the run trained on)")
+    p.add_argument("--limit", type=int, default=None, help="at most N test examples per task")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = p.parse_args(argv)
+    if args.compare:
+        try:
+            print(compare(args.compare))
+        except FileNotFoundError as e:
+            p.error(str(e))
+        return
+    cuda = torch.cuda.is_available() and args.device in (None, "cuda")
+    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    if "RANK" in os.environ:  # torchrun: one process per device
+        if cuda:
+            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        main_rank = _rank_world()[0] == 0
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
+        model, tok, config = load_checkpoint(args.ckpt, device, dtype)
+        _, test = load_mixture(args.data or config["data"])
+        results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens, args.limit)
+        if main_rank:
+            out = Path(args.ckpt)
+            tmp = out / "eval.json.tmp"
+            tmp.write_text(json.dumps(results, indent=1))
+            os.replace(tmp, out / "eval.json")  # a reader never sees half a file
+            print(format_table(results))
+            if results["routing"]:
+                try:
+                    save_heatmap(results["routing"], out / "routing.png")
+                    print(f"routing heatmap -> {out / 'routing.png'}")
+                except ImportError:
+                    print("matplotlib is not installed: routing.png skipped (pip install matplotlib)")
+            print(f"-> {out / 'eval.json'}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""eval.py: metrics on hand-computed cases, choice scoring on rigged models, routing statistics,
+evaluation in one process and under two gloo ranks, checkpoints, the comparison table.
+
+    python -m pytest -q tests/test_eval.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import eval as ev
+import teamlora
+from data import IGNORE, Example
+from model import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ_LEN = 128
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_accuracy_and_macro_f1_on_an_unbalanced_task():
+    gold = ["ham"] * 9 + ["spam"]
+    always_ham = ["ham"] * 10
+    assert ev.accuracy(always_ham, gold) == pytest.approx(0.9)
+    # F1(ham) = 2*9 / (2*9 + 1 FP + 0 FN) = 18/19; F1(spam) = 0 (its one example missed): mean 9/19.
+    assert ev.macro_f1(always_ham, gold, ["ham", "spam"]) == pytest.approx(9 / 19)
+    # A label neither gold nor predicted is skipped, not counted as F1 = 0.
+    assert ev.macro_f1(always_ham, gold, ["ham", "spam", "phishing"]) == pytest.approx(9 / 19)
+    # The spam found, one ham lost: ham TP 8 FN 1 -> F1 16/17; spam TP 1 FP 1 -> F1 2/3.
+    pred = ["ham"] * 8 + ["spam", "spam"]
+    assert ev.accuracy(pred, gold) == pytest.approx(0.9)
+    assert ev.macro_f1(pred, gold, ["ham", "spam"]) == pytest.approx((16 / 17 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="not one of"):
+        ev.macro_f1(["eggs"], ["ham"], ["ham", "spam"])
+
+
+def test_exact_match_and_rouge_l():
+    assert ev.exact_match(" Neutral\n", "neutral") == 1.0  # case and surrounding whitespace ignored
+    assert ev.exact_match("the  cat", "the cat") == 1.0
+    assert ev.exact_match("neutral.", "neutral") == 0.0
+    # LCS("the cat sat on the mat", "the cat is on a mat") = the cat on mat = 4; P = R = 4/6.
+    assert ev.rouge_l("the cat sat on the mat", "the cat is on a mat") == pytest.approx(2 / 3)
+    # LCS("a b c d", "b d e") = b d = 2; P = 2/4, R = 2/3, F = 2PR/(P+R) = 4/7.
+    assert ev.rouge_l("a b c d", "b d e") == pytest.approx(4 / 7)
+    assert ev.rouge_l("x y", "z") == 0.0
+    assert ev.rouge_l("", "") == 1.0 and ev.rouge_l("x", "") == 0.0
+
+
+# ----------------------------------------------------------------------------- choice scoring
+
+
+class Bigram(nn.Module):
+    """A stand-in LM: the logits after a token are one row of a table, zero (uniform) until rigged."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, tokens):
+        return self.table(tokens)  # (B, T, V)
+
+    @torch.no_grad()
+    def rig(self, tok, ex, answer):
+        """Make the last prompt token -> answer tokens -> EOS chain near-certain."""
+        x, y, _ = data.encode_example(tok, ex, SEQ_LEN, answer=answer)
+        first = next(i for i, t in enumerate(y) if t != IGNORE)
+        chain = [x[first]] + y[first:]
+        for a, b in zip(chain, chain[1:]):
+            self.table.weight[a, b] = 30.0
+        return chain[1:-1]  # the answer's tokens
+
+
+def sentiment(output, choices, text="A film."):
+    return Example("sentiment", "Is the review positive or negative?", text, output, choices)
+
+
+def test_score_choices_picks_the_rigged_answer_in_any_choice_order(sp_tokenizer):
+    tok = sp_tokenizer
+    model = Bigram(tok.n_words)
+    nli = Example("nli", "Does the premise entail the hypothesis?", "Premise: a. Hypothesis: b.", "neutral",
+                  ["entailment", "neutral", "contradiction"])
+    examples = [sentiment("positive", ["positive", "negative"]), sentiment("positive", ["negative", "positive"]),
+                nli, sentiment("positive", ["negative", "positive"], "A much longer review of a film, so padded.")]
+    model.rig(tok, examples[0], "positive")
+    model.rig(tok, nli, "neutral")
+    # batch_size 2: the four examples' nine sequences are sorted by length and split across batches
+    assert ev.score_choices(model, tok, examples, SEQ_LEN, batch_size=2) == [0, 1, 1, 1]
+
+
+def test_summed_likelihood_length_bias_and_a_model_that_overcomes_it(sp_tokenizer):
+    tok = sp_tokenizer
+    ex = Example("qa", "Is it true?", "", "no", ["yes it is true", "no"])
+    model = Bigram(tok.n_words)
+    # A uniform model gives each token probability 1/V, so the choice with fewer tokens wins: the
+    # known bias of summed log-likelihood.
+    assert ev.score_choices(model, tok, [ex], SEQ_LEN) == [1]
+    long = model.rig(tok, ex, "yes it is true")
+    assert len(long) > len(tok.encode("no", bos=False, eos=False))
+    assert ev.score_choices(model, tok, [ex], SEQ_LEN) == [0]
+
+
+@pytest.fixture(scope="module")
+def tiny(sp_tokenizer):
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=sp_tokenizer.n_words, hidden_dim=48,
+                                 max_seq_len=SEQ_LEN)).eval()
+
+
+def first_per_task(examples, n):
+    return [ex for task in sorted({e.task for e in examples}) for ex in [e for e in examples if e.task == task][:n]]
+
+
+def test_batching_changes_no_choice_and_no_answer(tiny, sp_tokenizer, builtin_mixture):
+    tok = sp_tokenizer
+    examples = first_per_task(builtin_mixture[1], 3)
+    alone = ev.score_choices(tiny, tok, examples, SEQ_LEN, batch_size=1)
+    assert ev.score_choices(tiny, tok, examples, SEQ_LEN, batch_size=64) == alone
+    # Generation sorts prompts by length; the answers come back in the examples' order.
+    copy = [Example("copy", "Repeat the last word.", " ".join(["red dog"] * n), "dog") for n in (1, 5, 2)]
+    alone = [ev.generate_answers(tiny, tok, [ex], SEQ_LEN, max_new_tokens=5)[0] for ex in copy]
+    assert ev.generate_answers(tiny, tok, copy, SEQ_LEN, max_new_tokens=5, batch_size=2) == alone
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def routed(model, method="teamlora", seed=0):
+    teamlora.add_adapters(model, method, rank=2, experts=3, targets=("w1", "w2", "w3"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # fresh B are zero; random adapters make the routing matter
+        for n, p in model.named_parameters():
+            if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_gate"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_routing_shares_sum_to_one_over_real_tokens_only(sp_tokenizer, builtin_mixture):
+    tok = sp_tokenizer
+    torch.manual_seed(0)
+    model = routed(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, hidden_dim=48,
+                                         max_seq_len=SEQ_LEN)))
+    examples = first_per_task(builtin_mixture[1], 5)
+    stats = ev.routing_by_task(model, tok, examples, SEQ_LEN, batch_size=4)  # mixed lengths: padded batches
+    assert set(stats) == {"nli", "sentiment", "spam", "supersense"}
+    alone = ev.routing_by_task(model, tok, examples, SEQ_LEN, batch_size=1)  # no padding at all
+    for task, s in stats.items():
+        real = sum(len(data.encode_example(tok, ex, SEQ_LEN)[0]) for ex in examples if ex.task == task)
+        assert s["tokens"] == alone[task]["tokens"] == real
+        assert len(s["layers"]) == 6  # w1, w2, w3 in 2 blocks
+        for shares in s["layers"].values():
+            assert sum(shares) == pytest.approx(1.0, abs=1e-6)
+        assert sum(s["mean"]) == pytest.approx(1.0, abs=1e-6)
+        assert 0 <= s["entropy"] <= math.log(3) + 1e-6 and 0 <= s["load_entropy"] <= math.log(3) + 1e-6
+        # Padding positions are left out: the padded batches give the unpadded shares.
+        assert s["mean"] == pytest.approx(alone[task]["mean"], abs=1e-5)
+        assert s["entropy"] == pytest.approx(alone[task]["entropy"], abs=1e-5)
+    lora = routed(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=tok.n_words)), "lora")
+    assert ev.routing_by_task(lora, tok, examples, SEQ_LEN) == {}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluate_counts_a_rigged_model_exactly(sp_tokenizer, builtin_mixture):
+    tok = sp_tokenizer
+    examples = first_per_task(builtin_mixture[1], 40)
+    spam = [ex for ex in examples if ex.task == "spam"]
+    model = Bigram(tok.n_words)
+    model.rig(tok, spam[0], "ham")  # ham on every spam example
+    model.train()
+    results = ev.evaluate(model, tok, examples, SEQ_LEN, limit=20)
+    assert model.training  # restored
+    n_ham = sum(ex.output == "ham" for ex in spam[:20])
+    s = results["tasks"]["spam"]
+    assert s["n"] == 20 and s["accuracy"] == pytest.approx(n_ham / 20)
+    assert s["macro_f1"] == pytest.approx((2 * n_ham / (2 * n_ham + 20 - n_ham) + 0.0) / 2)
+    assert results["majority"]["tasks"]["spam"] == pytest.approx(max(n_ham, 20 - n_ham) / 20)
+    assert set(results["tasks"]) == {"nli", "sentiment", "spam", "supersense"}
+    assert results["average"] == pytest.approx(sum(t["accuracy"] for t in results["tasks"].values()) / 4)
+    assert results["routing"] == {}
+    table = ev.format_table(results)
+    for word in ("spam", "supersense", "average", "majority"):
+        assert word in table
+
+
+# ----------------------------------------------------------------------------- a run directory
+
+
+def write_jsonl(path, examples):
+    path.write_text("".join(json.dumps({k: v for k, v in vars(ex).items() if k != "where" and v is not None}) + "\n"
+                            for ex in examples))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, sp_tokenizer, builtin_mixture):
+    """What train.py leaves: a base directory (weights + tokenizer), a mixture, checkpoint.pt and summary.json."""
+    tmp = tmp_path_factory.mktemp("eval")
+    base, mix, run = tmp / "base", tmp / "mix", tmp / "run"
+    for d in (base, mix, run):
+        d.mkdir()
+    (base / "tokenizer.model").write_bytes(sp_tokenizer.sp.serialized_model_proto())
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=sp_tokenizer.n_words, hidden_dim=48,
+                                  max_seq_len=SEQ_LEN))
+    model.save_pretrained(base)
+    words = "red green blue cat dog bird one two three".split()
+    copy = [Example("copy", "Repeat the last word.", " ".join(words[i:i + 3]), words[i + 2]) for i in range(7)]
+    train, test = builtin_mixture
+    write_jsonl(mix / "train.jsonl", first_per_task(train, 3) + copy)
+    write_jsonl(mix / "test.jsonl", first_per_task(test, 5) + copy)
+    routed(model)
+    config = {"method": "teamlora", "rank": 2, "experts": 3, "alpha": 32.0, "dropout": 0.05,
+              "targets": ["w1", "w2", "w3"], "router": None, "seq_len": SEQ_LEN, "base": str(base), "data": str(mix)}
+    torch.save({"config": config, "adapters": teamlora.adapter_state_dict(model), "step": 1}, run / "checkpoint.pt")
+    (run / "summary.json").write_text(json.dumps(
+        {"method": "teamlora", "rank": 2, "experts": 3, "router": None, "trainable": 1234, "trainable_pct": 1.5,
+         "router_params": 96, "train_time_s": 12.3, "tokens_per_s": 4000.0, "steps": 1}))
+    return run, model
+
+
+def test_load_checkpoint_rebuilds_the_adapted_model(run_dir, tmp_path):
+    run, trained = run_dir
+    model, tok, config = ev.load_checkpoint(run)
+    assert config["method"] == "teamlora" and not model.training
+    x = torch.tensor([tok.encode("a dog and a cat", bos=True, eos=False)])
+    torch.testing.assert_close(model(x), trained(x))
+    # method "full": the whole state dict instead of adapters
+    full = tmp_path / "full"
+    full.mkdir()
+    state = Transformer.from_pretrained(config["base"]).state_dict()
+    state = {k: v + 0.01 for k, v in state.items()}
+    torch.save({"config": {**config, "method": "full"}, "model": state, "step": 1}, full / "checkpoint.pt")
+    model, _, _ = ev.load_checkpoint(full)
+    assert torch.equal(model.layers[0].attention.wq.weight, state["layers.0.attention.wq.weight"])
+
+
+def test_main_one_process_then_two_gloo_ranks_agree(run_dir, capsys):
+    run, _ = run_dir
+    ev.main(["--ckpt", str(run), "--limit", "4", "--batch-size", "8", "--max-new-tokens", "4"])
+    printed = capsys.readouterr().out
+    one = json.loads((run / "eval.json").read_text())
+    assert set(one) == {"average", "tasks", "majority", "routing"}
+    assert set(one["tasks"]) == {"copy", "nli", "sentiment", "spam", "supersense"}
+    assert set(one["tasks"]["copy"]) == {"n", "exact_match", "rouge_l"}
+    assert all(s["n"] == 4 for s in one["tasks"].values())
+    assert one["routing"]["copy"]["tokens"] > 0
+    assert "routing" in printed and "average" in printed
+    assert "routing.png" in printed  # written, or said to be skipped without matplotlib
+    # The same under torchrun: each rank scores half, counts are all_reduced, rank 0 writes.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
+           "--ckpt", str(run), "--limit", "4", "--batch-size", "8", "--max-new-tokens", "4"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("average") == 1  # only rank 0 prints
+    two = json.loads((run / "eval.json").read_text())
+    for task, scores in one["tasks"].items():
+        assert two["tasks"][task] == pytest.approx(scores)
+    assert two["average"] == pytest.approx(one["average"])
+    for task, r in one["routing"].items():
+        assert two["routing"][task]["tokens"] == r["tokens"]
+        assert two["routing"][task]["mean"] == pytest.approx(r["mean"], abs=1e-5)
+
+
+def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
+    other = tmp_path / "lora"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps(
+        {"method": "lora", "rank": 8, "experts": 4, "router": None, "trainable": 999, "trainable_pct": 0.75,
+         "router_params": 0, "train_time_s": 60.0, "tokens_per_s": 5000.0, "steps": 10}))
+    with pytest.raises(FileNotFoundError, match=r"lora.eval\.json"):
+        ev.compare([other])
+    (other / "eval.json").write_text(json.dumps(
+        {"average": 0.625, "tasks": {"spam": {"n": 4, "accuracy": 0.75, "macro_f1": 0.5},
+                                     "copy": {"n": 4, "exact_match": 0.5, "rouge_l": 0.6}},
+         "majority": {"average": 0.5, "tasks": {"spam": 0.75, "copy": 0.25}}, "routing": {}}))
+    run, _ = run_dir
+    (run / "eval.json").write_text(json.dumps(
+        {"average": 0.8, "tasks": {"spam": {"n": 4, "accuracy": 0.8, "macro_f1": 0.7}},
+         "majority": {"average": 0.75, "tasks": {"spam": 0.75}}, "routing": {}}))
+    table = ev.compare([other, run])
+    lines = table.splitlines()
+    assert lines[0].split()[-2:] == ["copy", "spam"]
+    assert lines[1].split()[:2] == [str(other), "lora"] and "0.750" in lines[1] and "0.625" in lines[1]
+    assert lines[2].split()[:2] == [str(run), "teamlora"] and "0.800" in lines[2] and "default" in lines[2]
+    assert lines[3].startswith("majority")
+
+
+def test_routing_heatmap(tmp_path):
+    pytest.importorskip("matplotlib")
+    ev.save_heatmap({"nli": {"mean": [0.7, 0.3]}, "spam": {"mean": [0.4, 0.6]}}, tmp_path / "routing.png")
+    assert (tmp_path / "routing.png").read_bytes().startswith(b"\x89PNG")
