@@ -154,6 +154,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.gradient_checkpointing = False
         self._init_rope(args.max_seq_len)
+        for name, p in self.named_parameters():  # for training from scratch (the tiny base): N(0, 0.02),
+            if p.dim() == 2:  # residual-branch outputs shrunk with depth, so initial logits stay small
+                deep = name.endswith(("wo.weight", "w2.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * args.n_layers) if deep else 0.02)
 
     def _init_rope(self, seq_len: int, device=None):
         # not in the state dict: recomputed from args, always float32

@@ -102,8 +102,11 @@ class AdapterLinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        # Adapters keep their own dtype (float32) when the base runs in bf16; autocast, when on, casts the matmuls.
-        return y + self.delta(x.to(self.lora_A.dtype)).to(y.dtype)
+        # Adapters keep their own dtype (float32) when the base runs in bf16. Under autocast the
+        # matmuls run in its dtype anyway, so the input is left as it is (no float32 copy).
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        return y + self.delta(x).to(y.dtype)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, scale={self.scale:g}"
@@ -118,7 +121,7 @@ class LoRALinear(AdapterLinear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))  # (d_out, r)
 
     def delta(self, x):
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B)  # s applied on r, not d_out
 
     @torch.no_grad()
     def merge(self, sign=1.0):
@@ -162,12 +165,12 @@ class MoELoRALinear(RoutedLinear):
         self.lora_B = nn.Parameter(torch.zeros(experts, self.out_features, rank, device=self.weight.device))
 
     def delta(self, x):
-        g = self.route(x).to(x.dtype)  # (..., k)
+        g = (self.route(x) * self.scale).to(x.dtype)  # (..., k), s folded in
         x = self.dropout(x)
         out = 0
         for i in range(self.k):  # each expert: a full (..., d_out) output, then weighted
             out = out + g[..., i : i + 1] * F.linear(F.linear(x, self.lora_A[i]), self.lora_B[i])
-        return out * self.scale
+        return out
 
 
 class HydraLoRALinear(RoutedLinear):
@@ -179,12 +182,12 @@ class HydraLoRALinear(RoutedLinear):
         self.lora_B = nn.Parameter(torch.zeros(experts, self.out_features, rank, device=self.weight.device))
 
     def delta(self, x):
-        g = self.route(x).to(x.dtype)  # (..., k)
+        g = (self.route(x) * self.scale).to(x.dtype)  # (..., k), s folded in
         z = F.linear(self.dropout(x), self.lora_A)  # (..., r), shared by every head
         out = 0
         for i in range(self.k):
             out = out + g[..., i : i + 1] * F.linear(z, self.lora_B[i])
-        return out * self.scale
+        return out
 
 
 class TeamLoRALinear(RoutedLinear):
@@ -197,10 +200,10 @@ class TeamLoRALinear(RoutedLinear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, experts * rank, device=self.weight.device))
 
     def delta(self, x):
-        w = self.route(x).to(x.dtype)  # (..., k)
+        w = (self.route(x) * self.scale).to(x.dtype)  # (..., k), s folded in
         z = F.linear(self.dropout(x), self.lora_A)  # (..., k r)
-        z = (z.unflatten(-1, (self.k, self.rank)) * w.unsqueeze(-1)).flatten(-2)  # z_i *= w_i, in the rank space
-        return F.linear(z, self.lora_B) * self.scale  # (..., d_out)
+        z = (z.unflatten(-1, (self.k, self.rank)) * w.unsqueeze(-1)).flatten(-2)  # z_i *= s w_i, in the rank space
+        return F.linear(z, self.lora_B)  # (..., d_out)
 
     def delta_loop(self, x):
         """The same delta computed expert by expert (the definition; used to test the fused form)."""
