@@ -15,9 +15,11 @@ import argparse
 import json
 import math
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -321,22 +323,45 @@ def _read_json(path):
     return json.loads(path.read_text())
 
 
+def _mean_sd(values, digits=3):
+    """'mean ± sd' over seeds (sample sd), or the value itself for one run."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return (values[0] if digits else round(values[0])) if values else None
+    m = sum(values) / len(values)
+    return f"{m:.{digits}f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)):.{digits}f}"
+
+
 def compare(out_dirs):
-    """One row per run (summary.json + eval.json): its setup, cost, average and per-task scores."""
+    """One row per setup (summary.json + eval.json): runs whose summaries differ only in the seed
+    become one row, each number their mean ± sd. Columns: setup, cost, average, per-task scores."""
     runs = [(Path(d), _read_json(Path(d) / "summary.json"), _read_json(Path(d) / "eval.json")) for d in out_dirs]
     tasks = sorted({t for _, _, e in runs for t in e["tasks"]})
-    rows = []
+    groups = {}
     for d, s, e in runs:
+        key = json.dumps({k: v for k, v in s.items() if k in SETUP}, sort_keys=True)
+        groups.setdefault(key, []).append((d, s, e))
+    rows = []
+    for group in groups.values():
+        d, s, _ = group[0]
         routed = s["method"] not in ("lora", "full")
-        rows.append([str(d), s["method"], s["rank"], s["experts"] if routed else None,
-                     (s["router"] or "default") if routed else "-", s["trainable_pct"], round(s["train_time_s"]),
-                     round(s["tokens_per_s"]), e["average"], *(headline(e["tasks"][t]) if t in e["tasks"] else None
-                                                               for t in tasks)])
+        label = str(d) if len(group) == 1 else f"{d} (+{len(group) - 1} seeds)"
+        col = lambda f, digits=3: _mean_sd([f(s, e) for _, s, e in group], digits)  # noqa: E731
+        rows.append([label, s["method"], s["rank"], s["experts"] if routed else None,
+                     (s["router"] or "default") if routed else "-", s["trainable_pct"],
+                     col(lambda s, e: s["train_time_s"], 0), col(lambda s, e: s["tokens_per_s"], 0),
+                     col(lambda s, e: e["average"]),
+                     *(col(lambda s, e, t=t: headline(e["tasks"][t]) if t in e["tasks"] else None) for t in tasks)])
     majority = runs[0][2]["majority"]
     rows.append(["majority class", "", None, None, "", None, None, None, majority["average"],
                  *(majority["tasks"].get(t) for t in tasks)])
     header = ["run", "method", "rank", "experts", "router", "trainable%", "time_s", "tokens/s", "average", *tasks]
-    return _table(header, rows) + "\nscores: accuracy (choice tasks) or exact match; trainable% of the base"
+    return _table(header, rows) + ("\nscores: accuracy (choice tasks) or exact match; trainable% of the base; "
+                                   "mean ± sd over runs that differ only in the seed")
+
+
+# what makes two runs the same setup in --compare (the seed is deliberately not here)
+SETUP = ("method", "rank", "experts", "router", "targets", "alpha", "lr", "steps", "base", "data")
 
 
 # ----------------------------------------------------------------------------- command line

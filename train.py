@@ -14,11 +14,13 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
+import torch  # noqa: E402
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -35,7 +37,7 @@ TINY = ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=4096, 
 # Defaults by base. "paper": the recipe of METHOD.md. "tiny": the CPU quick start on the tiny base.
 PRESETS = {
     "paper": dict(lr=2e-4, epochs=1.0, max_steps=0, batch_size=4, grad_accum=8, seq_len=1024, warmup=0.03),
-    "tiny": dict(lr=2e-3, epochs=1.0, max_steps=600, batch_size=16, grad_accum=1, seq_len=256, warmup=0.03),
+    "tiny": dict(lr=2e-3, epochs=1.0, max_steps=400, batch_size=16, grad_accum=1, seq_len=256, warmup=0.03),
 }
 
 
@@ -73,7 +75,7 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     p.add_argument("--eval-limit", type=int, default=None, help="at most N test examples per task at the end")
     p.add_argument("--no-eval", action="store_true")
-    p.add_argument("--pretrain-steps", type=int, default=800, help="steps of the tiny base's pretraining")
+    p.add_argument("--pretrain-steps", type=int, default=700, help="steps of the tiny base's pretraining")
     p.add_argument("--timeout", type=float, default=30.0, help="minutes before a collective gives up on a dead rank")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset or ("tiny" if args.base == "tiny" else "paper")]
@@ -179,6 +181,7 @@ def build(args, rank, world, device):
     if args.method == "full":
         model.float()  # full fine-tuning keeps float32 master weights
     else:
+        torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
         teamlora.add_adapters(model, args.method, args.rank, args.experts, args.alpha, args.dropout,
                               args.targets, args.router)
         model.to(device)
@@ -198,7 +201,6 @@ def train(args):
         resume = torch.load(ckpt_path, map_location="cpu", weights_only=True) if args.resume else None
         if resume is None and args.resume:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
         base, tok, model, train_set, test_set = build(args, rank, world, device)
         args.base_path = base
         ds = data.TaskDataset(train_set, tok, args.seq_len, verbose=main)
@@ -301,7 +303,9 @@ def train(args):
                        "router": args.router, "trainable": report["trainable"],
                        "trainable_pct": report["trainable_pct"], "router_params": report["router"],
                        "train_time_s": train_time, "tokens_per_s": n_tokens_total / max(train_time, 1e-9),
-                       "steps": steps, "final_loss": loss if steps else None}
+                       "steps": steps, "final_loss": loss if steps else None, "seed": args.seed,
+                       "targets": args.targets, "alpha": args.alpha, "lr": args.lr, "base": args.base_path,
+                       "data": args.data}
             atomic_save(json.dumps(summary, indent=1), out / "summary.json")
         if not args.no_eval:
             results = evaluation.evaluate(raw, tok, test_set, args.seq_len, limit=args.eval_limit)

@@ -293,6 +293,17 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
     assert lines[1].split()[:2] == [str(other), "lora"] and "0.750" in lines[1] and "0.625" in lines[1]
     assert lines[2].split()[:2] == [str(run), "teamlora"] and "0.800" in lines[2] and "default" in lines[2]
     assert lines[3].startswith("majority")
+    # Runs that differ only in the seed become one row of mean ± sd.
+    seeds = []
+    for seed, avg in ((1, 0.5), (2, 0.7)):
+        d = tmp_path / f"lora-s{seed}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({**json.loads((other / "summary.json").read_text()), "seed": seed}))
+        (d / "eval.json").write_text((other / "eval.json").read_text().replace("0.625", str(avg)))
+        seeds.append(d)
+    lines = ev.compare([*seeds, run]).splitlines()
+    assert len(lines) == 4 + 1  # header, lora (2 seeds), teamlora, majority, footnote
+    assert "(+1 seeds)" in lines[1] and "0.600 ± 0.141" in lines[1]
 
 
 def test_routing_heatmap(tmp_path):
