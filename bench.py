@@ -36,11 +36,13 @@ import copy
 import json
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
+import torch  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 
