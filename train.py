@@ -222,6 +222,9 @@ def train(args):
             opt.load_state_dict(resume["optimizer"])
             sched.load_state_dict(resume["scheduler"])
             step, train_time = resume["step"], resume["train_time"]
+            if len(resume["rng"]) != world:
+                raise ValueError(f"--resume: {ckpt_path} was written by {len(resume['rng'])} processes; "
+                                 f"resume with the same number (this run has {world})")
             if resume["data"]["examples_seen"] != step * per_step:
                 raise ValueError(f"--resume: {ckpt_path} was written with another batch size or accumulation")
         report = teamlora.parameter_report(model)
@@ -237,13 +240,16 @@ def train(args):
                 torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
 
         def batches(start):
-            """Micro-batches from example `start` of this rank's stream of concatenated epochs."""
+            """Micro-batches of exactly batch_size examples from example `start` of this rank's stream
+            of concatenated epochs (a batch may span two epochs), so a step count is a data position."""
             epoch, pos = divmod(start, len(sampler))
+            chunk = []
             while True:
-                order = sampler.epoch(epoch)
-                for i in range(pos, len(order), args.batch_size):
-                    chunk = order[i : i + args.batch_size]
-                    yield data.collate([ds[j] for j in chunk], tok.pad_id)
+                for j in sampler.epoch(epoch)[pos:]:
+                    chunk.append(j)
+                    if len(chunk) == args.batch_size:
+                        yield data.collate([ds[i] for i in chunk], tok.pad_id)
+                        chunk = []
                 epoch, pos = epoch + 1, 0
 
         if main:
