@@ -119,7 +119,7 @@ def score_choices(model, tok, examples, seq_len, batch_size=32):
     The score is the summed log-probability of the choice's answer tokens and EOS: the probability
     of generating exactly that answer and stopping. It favours short labels, since every extra
     token multiplies in one more probability below 1; most built-in labels are one SentencePiece
-    token, users' labels may not be (FINDINGS.md). Averaging per token would trade that bias for
+    token, users' labels may not be. Averaging per token would trade that bias for
     the opposite one, so the score stays the answer's probability.
     """
     seqs = [(i, j, *encode_example(tok, ex, seq_len, answer=c)[:2])

@@ -34,7 +34,7 @@ from model import ModelArgs, Transformer, load_tokenizer
 CACHE = Path(os.environ.get("TEAMLORA_CACHE", Path(__file__).parent / "cache"))
 TINY = ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=4096, hidden_dim=688,
                  max_seq_len=512, tie_embeddings=True)  # ~4.5M parameters; see README for how it was chosen
-# Defaults by base. "paper": the recipe of METHOD.md. "tiny": the CPU quick start on the tiny base.
+# Defaults by base. "paper": the paper's recipe (README, Method notes). "tiny": the CPU quick start on the tiny base.
 PRESETS = {
     "paper": dict(lr=2e-4, epochs=1.0, max_steps=0, batch_size=4, grad_accum=8, seq_len=1024, warmup=0.03),
     "tiny": dict(lr=2e-3, epochs=1.0, max_steps=400, batch_size=16, grad_accum=1, seq_len=256, warmup=0.03),
