@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 train.py --method teamlora --base /ckpt/Llama-2-7b-hf --data my_mix/ --preset paper
 
 One process per device; nccl on GPUs, gloo on CPUs. `--base tiny` (the default) pretrains a small
-LLaMA on the built-in corpus on first use (full-parameter training, the same loop) and caches it.
+LLaMA on the built-in corpus on first use (every weight trained, next-token loss) and caches it.
 The output directory holds checkpoint.pt (adapters + everything needed to resume), log.jsonl,
 summary.json and, after the final evaluation, eval.json.
 """
