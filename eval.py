@@ -17,6 +17,7 @@ import math
 import os
 import warnings
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
@@ -364,6 +365,31 @@ def compare(out_dirs):
 SETUP = ("method", "rank", "experts", "router", "targets", "alpha", "lr", "steps", "base", "data")
 
 
+# ----------------------------------------------------------------------------- processes and files
+
+
+def setup_distributed(device=None, timeout_min=30.0):  # train.py uses this and atomic_save too
+    """(rank, world, device). Under torchrun (RANK set): one process per GPU with nccl, else gloo on
+    CPUs; collectives give up after timeout_min minutes on a dead rank. Otherwise world size 1."""
+    if "RANK" in os.environ:
+        cuda = torch.cuda.is_available() and device in (None, "cuda")
+        dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min))
+        return dist.get_rank(), dist.get_world_size(), dev
+    return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def atomic_save(obj, path):
+    """Write text (a str) or torch.save anything else to a temporary name, then rename: a crash
+    mid-write never leaves a broken file, and a reader never sees half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -400,24 +426,15 @@ def main(argv=None):
         except FileNotFoundError as e:
             p.error(str(e))
         return
-    cuda = torch.cuda.is_available() and args.device in (None, "cuda")
-    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
-    if "RANK" in os.environ:  # torchrun: one process per device
-        if cuda:
-            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, _, device = setup_distributed(args.device)
     try:
-        main_rank = _rank_world()[0] == 0
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
         model, tok, config = load_checkpoint(args.ckpt, device, dtype)
         _, test = load_mixture(args.data or config["data"])
         results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens, args.limit)
-        if main_rank:
+        if rank == 0:
             out = Path(args.ckpt)
-            tmp = out / "eval.json.tmp"
-            tmp.write_text(json.dumps(results, indent=1))
-            os.replace(tmp, out / "eval.json")  # a reader never sees half a file
+            atomic_save(json.dumps(results, indent=1), out / "eval.json")
             print(format_table(results))
             if results["routing"]:
                 try:

@@ -16,7 +16,6 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
@@ -87,32 +86,11 @@ def get_args(argv=None):
     return args
 
 
-def setup_distributed(args):
-    """(rank, world, device). Under torchrun RANK is set; plain `python train.py` is world size 1."""
-    if "RANK" in os.environ:
-        local = int(os.environ["LOCAL_RANK"])
-        cuda = torch.cuda.is_available() and args.device in (None, "cuda")
-        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=args.timeout))
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def cosine_lr(step, total, warmup):
     """Multiplier of the peak lr: linear warm-up over `warmup` steps, then cosine decay to 0."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def atomic_save(obj, path):
-    """Write to a temporary name, then rename: a crash mid-write never leaves a broken file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp) if not isinstance(obj, str) else tmp.write_text(obj)
-    os.replace(tmp, path)
 
 
 def micro_step(model, batch, n_tokens, args, autocast):
@@ -190,7 +168,7 @@ def build(args, rank, world, device):
 
 
 def train(args):
-    rank, world, device = setup_distributed(args)
+    rank, world, device = evaluation.setup_distributed(args.device, args.timeout)
     main = rank == 0
     try:
         use_bf16 = args.dtype == "bfloat16" or (args.dtype is None and device.type == "cuda")
@@ -260,7 +238,8 @@ def train(args):
         log = None
         if main:  # on resume, drop records of steps after the checkpoint: they are about to be redone
             old = (out / "log.jsonl").read_text().splitlines() if resume and (out / "log.jsonl").exists() else []
-            atomic_save("".join(r + "\n" for r in old if json.loads(r)["step"] <= step), out / "log.jsonl")
+            kept = "".join(r + "\n" for r in old if json.loads(r)["step"] <= step)
+            evaluation.atomic_save(kept, out / "log.jsonl")
             log = open(out / "log.jsonl", "a")
         stream = batches(step * per_step)
         model.train()
@@ -312,11 +291,11 @@ def train(args):
                        "steps": steps, "final_loss": loss if steps else None, "seed": args.seed,
                        "targets": args.targets, "alpha": args.alpha, "lr": args.lr, "base": args.base_path,
                        "data": args.data}
-            atomic_save(json.dumps(summary, indent=1), out / "summary.json")
+            evaluation.atomic_save(json.dumps(summary, indent=1), out / "summary.json")
         if not args.no_eval:
             results = evaluation.evaluate(raw, tok, test_set, args.seq_len, limit=args.eval_limit)
             if main:
-                atomic_save(json.dumps(results, indent=1), out / "eval.json")
+                evaluation.atomic_save(json.dumps(results, indent=1), out / "eval.json")
                 print(evaluation.format_table(results))
                 print(f"{args.method}: {report['trainable']:,} trainable parameters ({report['trainable_pct']:.3f}% "
                       f"of the base; router {report['router']:,}); trained {train_time:.0f} s; -> {out}")
@@ -348,7 +327,7 @@ def save_checkpoint(model, opt, sched, step, train_time, args, path, world, devi
         state["model"] = model.state_dict()
     else:
         state["adapters"] = teamlora.adapter_state_dict(model)
-    atomic_save(state, path)
+    evaluation.atomic_save(state, path)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(setup, tmp_path, monk
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    train.atomic_save({"step": 1}, path)
+    evaluation.atomic_save({"step": 1}, path)
 
     def broken_save(obj, f):
         Path(f).write_bytes(b"half a checkpoint")
@@ -123,7 +123,7 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        train.atomic_save({"step": 2}, path)
+        evaluation.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
 
