@@ -427,7 +427,7 @@ class Tokenizer:
     """SentencePiece tokenizer.model (LLaMA-2, TinyLlama, Mistral) or Hugging Face tokenizer.json (Llama-3)."""
 
     def __init__(self, path):
-        path = Path(path)
+        self.path = path = Path(path)  # the file it was loaded from
         if path.suffix == ".json":
             try:
                 from tokenizers import Tokenizer as HFTokenizer

@@ -207,7 +207,7 @@ def run_dir(tmp_path_factory, sp_tokenizer, builtin_mixture):
     base, mix, run = tmp / "base", tmp / "mix", tmp / "run"
     for d in (base, mix, run):
         d.mkdir()
-    (base / "tokenizer.model").write_bytes(sp_tokenizer.sp.serialized_model_proto())
+    (base / "tokenizer.model").write_bytes(sp_tokenizer.path.read_bytes())
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=sp_tokenizer.n_words, hidden_dim=48,
                                   max_seq_len=SEQ_LEN))
