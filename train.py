@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import random
 import time
 import warnings
 from contextlib import nullcontext
