@@ -62,6 +62,10 @@ IGNORE = -100  # target value that F.cross_entropy(ignore_index=-100) skips
 FIELDS = ("task", "instruction", "input", "output")
 
 
+class DataError(ValueError):
+    """A mixture that cannot be used: bad JSON, a missing field, a wrong path (a user's mistake, not a bug)."""
+
+
 @dataclass
 class Example:
     task: str

@@ -17,6 +17,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 
+class CheckpointError(ValueError):
+    """A checkpoint, tokenizer or base name that cannot be used (a user's mistake, not a bug)."""
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
