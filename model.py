@@ -7,11 +7,13 @@
 import argparse
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
+import torch  # noqa: E402
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
