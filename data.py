@@ -32,7 +32,7 @@ split is empty. Every task in test must have training examples. Every problem is
 once, in one DataError, a line each naming the file and line (the first 20, then how many more):
 
     my_mix/train.jsonl:3: missing field 'output'
-    my_mix/test.jsonl:41: task 'nli' has choices ['yes', 'no'], but my_mix/train.jsonl:1 has ['entailment', 'neutral', 'contradiction']
+    my_mix/test.jsonl:41: task 'spam' has choices ['spam', 'junk'], but my_mix/train.jsonl:1 has ['spam', 'ham']
 
 The prompt (prompt_text) is fixed; the Input block is left out when input is empty:
 
