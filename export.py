@@ -92,8 +92,9 @@ def export_adapters(model, config, out_dir) -> Path:
                   "alpha": config["alpha"], "dropout": config["dropout"], "targets": targets,
                   "router": layers[0][1].router.kind}  # the router used, also when the run left it to the default
         (out / "teamlora_config.json").write_text(json.dumps(kwargs, indent=2))
-        usage = (f"    # model: transformers' LlamaForCausalLM of {base}; teamlora.py copied from the project\n"
-                 "    import json, safetensors.torch, teamlora\n"
+        usage = ("    import json, safetensors.torch, teamlora  # teamlora.py copied from the project\n"
+                 "    from transformers import AutoModelForCausalLM\n"
+                 f"    model = AutoModelForCausalLM.from_pretrained({base!r})\n"
                  f"    teamlora.add_adapters(model, **json.load(open({str(out / 'teamlora_config.json')!r}))).eval()\n"
                  "    teamlora.load_adapter_state_dict(model, safetensors.torch.load_file("
                  f"{str(out / 'adapter_model.safetensors')!r}))")
