@@ -541,7 +541,7 @@ def resolve_base(name_or_path) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="base model directory (Hugging Face or Meta layout)")
+    parser.add_argument("checkpoint", help="the base: a checkpoint directory (Hugging Face or Meta layout) or a Hub id")
     parser.add_argument("--adapters", metavar="OUT", help="a train.py output directory: generate with its adapters")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--max-new-tokens", type=int, default=32)
