@@ -19,6 +19,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 
+IGNORE = -100  # a target without loss (F.cross_entropy's ignore_index; data.IGNORE is the same)
+
+
 class CheckpointError(ValueError):
     """A checkpoint, tokenizer or base name that cannot be used (a user's mistake, not a bug)."""
 
@@ -176,8 +179,16 @@ class Transformer(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)  # (seq_len, head_dim/2)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """tokens (B, T) at positions start_pos .. start_pos+T-1 -> float logits (B, T, vocab_size)."""
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, reduction: str = "mean",
+                start_pos: int = 0) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos .. start_pos+T-1.
+
+        Without targets: float logits (B, T, vocab_size). With targets (B, T), IGNORE where there is
+        no loss: their cross-entropy, "mean" over the target positions or "none" (B, T) with 0 where
+        ignored. The output layer and its float32 log-softmax then run only at the target positions:
+        fine-tuning scores a few answer tokens, and a large vocabulary at every position would cost a
+        large share of a small model's step.
+        """
         T = tokens.shape[1]
         if start_pos + T > self.cos.shape[0] or self.cos.dtype != torch.float32:
             # longer than max_seq_len, or model.to(bf16) rounded the buffers: recompute
@@ -189,7 +200,15 @@ class Transformer(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, start_pos, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, start_pos, cos, sin)
-        return self.output(self.norm(h)).float()
+        if targets is None:
+            return self.output(self.norm(h)).float()
+        keep = targets != IGNORE  # (B, T)
+        # (N, vocab) logits at the N target positions only; float32 for the log-softmax under autocast
+        logits = self.output(self.norm(h[keep])).float()
+        loss = F.cross_entropy(logits, targets[keep], reduction=reduction)
+        if reduction == "none":
+            return torch.zeros(targets.shape, dtype=loss.dtype, device=loss.device).index_put((keep,), loss)
+        return loss
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
         w = self.tok_embeddings.weight
@@ -227,7 +246,7 @@ class Transformer(nn.Module):
         try:
             prev = 0
             for cur in range(min(lens), total):
-                logits = self(tokens[:, prev:cur], prev)[:, -1]  # (B, vocab)
+                logits = self(tokens[:, prev:cur], start_pos=prev)[:, -1]  # (B, vocab)
                 nxt = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
                 tokens[:, cur] = nxt
                 if eos_id is not None:
