@@ -2,6 +2,7 @@
 (Meta params.json + consolidated.*.pth, or Hugging Face config.json + safetensors/bin) and generates.
 
     python model.py CHECKPOINT_DIR --prompt "The capital of France is" --max-new-tokens 32
+    python model.py CHECKPOINT_DIR --adapters runs/teamlora --prompt "..."    # with a run's adapters
     python -m pytest -q tests/test_model.py
 """
 import argparse
@@ -559,16 +560,26 @@ def resolve_base(name_or_path) -> Path:
     return _download(str(name_or_path))
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="the base: a checkpoint directory (Hugging Face or Meta layout) or a Hub id")
+    parser.add_argument("--adapters", metavar="OUT", help="a train.py output directory: generate with its adapters")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    cli = parser.parse_args()
+    args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
-    model = Transformer.from_pretrained(cli.checkpoint, torch.bfloat16 if gpu else torch.float32,
-                                        "cuda" if gpu else "cpu")
-    tokenizer = load_tokenizer(cli.checkpoint)
-    prompt = tokenizer.encode(cli.prompt, bos=True, eos=False)
-    [new] = model.generate([prompt], cli.max_new_tokens, eos_id=tokenizer.eos_id)  # greedy
-    print(cli.prompt + tokenizer.decode(new))
+    dtype, device = (torch.bfloat16, "cuda") if gpu else (torch.float32, "cpu")
+    if args.adapters:  # imported here: without --adapters model.py needs nothing else from the project
+        from eval import load_checkpoint
+        model, tokenizer, _ = load_checkpoint(args.adapters, device, dtype, base=args.checkpoint)
+    else:
+        model, tokenizer = Transformer.from_pretrained(args.checkpoint, dtype, device), load_tokenizer(args.checkpoint)
+    prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
+    [new] = model.generate([prompt], args.max_new_tokens, eos_id=tokenizer.eos_id)  # greedy
+    print(args.prompt + tokenizer.decode(new))
+
+
+if __name__ == "__main__":
+    import model  # the imported module, so cli() catches its CheckpointError, not __main__'s
+    from common import cli
+    cli(model.main)
