@@ -393,20 +393,22 @@ def atomic_save(obj, path):
 # ----------------------------------------------------------------------------- command line
 
 
-def load_checkpoint(out_dir, device="cpu", dtype=torch.float32):
-    """(model, tok, config) from a train.py output directory: base + adapters (or the full model), eval mode."""
+def load_checkpoint(out_dir, device="cpu", dtype=torch.float32, base=None):
+    """(model, tok, config) from a train.py output directory: base + adapters (or the full model), eval mode.
+    base: another copy of the run's base (default: the one in its config)."""
     from model import Transformer, load_tokenizer  # the model is only needed here; the metrics stand alone
 
     ckpt = torch.load(Path(out_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
     config = ckpt["config"]
-    model = Transformer.from_pretrained(config["base"], dtype=dtype, device=device)
+    base = base or config["base"]
+    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
     if config["method"] == "full":
         model.load_state_dict(ckpt["model"])
     else:
         teamlora.add_adapters(model, config["method"], config["rank"], config["experts"], config["alpha"],
                               config["dropout"], config["targets"], config["router"])
         teamlora.load_adapter_state_dict(model, ckpt["adapters"])
-    return model.to(device).eval(), load_tokenizer(config["base"]), config
+    return model.to(device).eval(), load_tokenizer(base), config
 
 
 def main(argv=None):
@@ -419,7 +421,16 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--export", metavar="DIR", help="instead of evaluating, write the run's adapters for "
+                   "Hugging Face models (LoRA: a PEFT directory; see export.py)")
     args = p.parse_args(argv)
+    if args.export:
+        if not args.ckpt:
+            p.error("--export needs --ckpt OUT")
+        from export import export_adapters
+        model, _, config = load_checkpoint(args.ckpt)  # CPU, float32: the adapters as trained
+        export_adapters(model, config, args.export)
+        return
     if args.compare:
         try:
             print(compare(args.compare))
