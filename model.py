@@ -212,6 +212,12 @@ class Transformer(nn.Module):
             a.cache_k = torch.zeros(shape, dtype=w.dtype, device=w.device)
             a.cache_v = torch.zeros(shape, dtype=w.dtype, device=w.device)
 
+    def select_cache(self, rows: torch.Tensor):
+        """Cache row i becomes what row rows[i] holds: several continuations of one prefilled prompt."""
+        for layer in self.layers:
+            a = layer.attention
+            a.cache_k[:len(rows)], a.cache_v[:len(rows)] = a.cache_k[rows], a.cache_v[rows]
+
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = None
