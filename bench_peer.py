@@ -90,6 +90,7 @@ def main(argv=None):
             s = jobs[key]()
             if round_:
                 samples[key].append(s)
+            print(f"round {round_}{' (warm-up)' * (round_ == 0)} {key[0]} {key[1]}: {s * 1e3:.0f} ms", flush=True)
     print(f"\n{torch.get_num_threads()} threads, batch {args.batch} x {args.seq}, dropout {args.dropout}; "
           f"median of {args.rounds} interleaved rounds (min-max)")
     for step in args.steps.split(","):
