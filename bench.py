@@ -247,6 +247,9 @@ def bench_model(args, device, dtype, specs):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            for _, layer in teamlora.adapter_layers(model):  # the routers' last weights hold the step's
+                if layer.routed:  # graph and with it its activations (GBs at SmolLM2's shape, per model)
+                    layer.last_weights = None
 
         @torch.inference_mode()
         def prefill_step(model=model):
@@ -281,10 +284,10 @@ def compare(rows, groups, metrics):
 
 def print_group(k, r, table, metrics, names):
     print(f"\nk={k} experts, r={r}: xMoE = / MoELoRA k{k} r{r} (loop), xLoRA = / LoRA r{k * r} (equal total rank)")
-    head = f"{'method':<24}" + "".join(f" | {names[m]:>14} {'xMoE':>5} {'xLoRA':>5}" for m in metrics)
+    head = f"{'method':<31}" + "".join(f" | {names[m]:>14} {'xMoE':>5} {'xLoRA':>5}" for m in metrics)
     print(head + "\n" + "-" * len(head))
     for label, cells in table.items():
-        print(f"{label:<24}" + "".join(f" | {c['value']:14.3f} {c['xMoE']:5.2f} {c['xLoRA']:5.2f}"
+        print(f"{label:<31}" + "".join(f" | {c['value']:14.3f} {c['xMoE']:5.2f} {c['xLoRA']:5.2f}"
                                         for c in cells.values()))
 
 
