@@ -14,10 +14,8 @@ Under torchrun each rank scores examples[rank::world]; counts are summed with al
 import argparse
 import json
 import math
-import os
 import warnings
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
@@ -25,7 +23,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import common
 import teamlora
+from common import UserError, cli
 from data import IGNORE, collate, encode_example, load_mixture
 
 # ----------------------------------------------------------------------------- metrics
@@ -36,13 +36,7 @@ def _normalize(s):
     return " ".join(s.split()).casefold()
 
 
-def accuracy(pred, gold):
-    if len(pred) != len(gold):
-        raise ValueError(f"{len(pred)} predictions for {len(gold)} gold labels")
-    return sum(p == g for p, g in zip(pred, gold)) / len(gold) if gold else 0.0
-
-
-def _confusion(pred, gold, labels):
+def confusion(pred, gold, labels):
     """(L, L) counts, row = gold label, column = predicted label; float64 so ranks can all_reduce it."""
     index = {label: i for i, label in enumerate(labels)}
     cm = torch.zeros(len(labels), len(labels), dtype=torch.float64)
@@ -53,16 +47,16 @@ def _confusion(pred, gold, labels):
     return cm
 
 
-def _macro_f1(cm):
+def accuracy(cm):
+    return (cm.trace() / cm.sum()).item()
+
+
+def macro_f1(cm):
     """Mean over labels of F1 = 2 TP / (2 TP + FP + FN); a label never gold nor predicted is skipped."""
     tp = cm.diag()
     fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
     seen = tp + fp + fn > 0
     return (2 * tp / (2 * tp + fp + fn).clamp(min=1))[seen].mean().item() if seen.any() else 0.0
-
-
-def macro_f1(pred, gold, labels):
-    return _macro_f1(_confusion(pred, gold, labels))
 
 
 def exact_match(pred, gold):
@@ -199,13 +193,8 @@ def routing_by_task(model, tok, examples, seq_len, batch_size=32):
 
 
 def _all_reduce(t, model):
-    """Sum a CPU tensor over ranks (on the model's device under nccl, which cannot reduce CPU tensors)."""
-    if not dist.is_initialized():
-        return t
-    device = _device(model) if dist.get_backend() == "nccl" else "cpu"
-    t = t.to(device)
-    dist.all_reduce(t)
-    return t.cpu()
+    """A CPU tensor summed over ranks (the collective runs on the model's device)."""
+    return common.all_reduce(t, _device(model)).cpu()
 
 
 @torch.no_grad()
@@ -232,7 +221,7 @@ def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, li
             if exs[0].choices:
                 labels = list(dict.fromkeys(c for ex in exs for c in ex.choices))  # the same on every rank
                 picked = score_choices(model, tok, mine, seq_len, batch_size)
-                counts.append(_confusion([ex.choices[i] for ex, i in zip(mine, picked)], gold, labels).flatten())
+                counts.append(confusion([ex.choices[i] for ex, i in zip(mine, picked)], gold, labels).flatten())
             else:
                 answers = generate_answers(model, tok, mine, seq_len, max_new_tokens, batch_size)
                 counts.append(torch.tensor([len(mine), sum(map(exact_match, answers, gold)),
@@ -242,8 +231,7 @@ def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, li
         for task, c in zip(tasks, counts):
             if by_task[task][0].choices:
                 cm = c.view(math.isqrt(len(c)), -1)
-                scores[task] = {"n": int(cm.sum()), "accuracy": (cm.trace() / cm.sum()).item(),
-                                "macro_f1": _macro_f1(cm)}
+                scores[task] = {"n": int(cm.sum()), "accuracy": accuracy(cm), "macro_f1": macro_f1(cm)}
             else:
                 scores[task] = {"n": int(c[0]), "exact_match": (c[1] / c[0]).item(), "rouge_l": (c[2] / c[0]).item()}
         # The baseline a model must beat: always answer the task's most frequent gold output.
@@ -265,10 +253,17 @@ def _mean(values):
 # ----------------------------------------------------------------------------- tables
 
 
+def _cell(c):
+    if isinstance(c, str):
+        return c
+    if c is None:
+        return "-"
+    return f"{c:.3f}" if isinstance(c, float) else str(c)
+
+
 def _table(header, rows):
     """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
-    cells = [[c if isinstance(c, str) else "-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)
-              for c in row] for row in [header] + rows]
+    cells = [[_cell(c) for c in row] for row in [header] + rows]
     width = [max(len(r[i]) for r in cells) for i in range(len(header))]
     left = [all(isinstance(row[i], str) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if lf else c.rjust(w) for c, w, lf in zip(r, width, left)).rstrip()
@@ -327,30 +322,42 @@ def _read_json(path):
 def _mean_sd(values, digits=3):
     """'mean ± sd' over seeds (sample sd), or the value itself for one run."""
     values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return (values[0] if digits else round(values[0])) if values else None
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0] if digits else round(values[0])
     m = sum(values) / len(values)
     return f"{m:.{digits}f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)):.{digits}f}"
 
 
+def _setup(summary, path):
+    """What makes two runs one setup: every flag but the seed and those that only say how it ran."""
+    if "config" not in summary:
+        raise UserError(f"{path}: no config (written by an older train.py); retrain to compare it")
+    return json.dumps({k: v for k, v in summary["config"].items() if k not in common.RUN_ONLY + ("seed",)},
+                      sort_keys=True)
+
+
 def compare(out_dirs):
-    """One row per setup (summary.json + eval.json): runs whose summaries differ only in the seed
-    become one row, each number their mean ± sd. Columns: setup, cost, average, per-task scores."""
+    """One row per setup (summary.json + eval.json): runs that differ only in the seed become one
+    row, each number their mean ± sd. Columns: setup, cost, average, per-task scores."""
     runs = [(Path(d), _read_json(Path(d) / "summary.json"), _read_json(Path(d) / "eval.json")) for d in out_dirs]
     tasks = sorted({t for _, _, e in runs for t in e["tasks"]})
     groups = {}
     for d, s, e in runs:
-        key = json.dumps({k: v for k, v in s.items() if k in SETUP}, sort_keys=True)
-        groups.setdefault(key, []).append((d, s, e))
+        groups.setdefault(_setup(s, d / "summary.json"), []).append((d, s, e))
     rows = []
     for group in groups.values():
         d, s, _ = group[0]
-        routed = s["method"] not in ("lora", "full")
-        label = str(d) if len(group) == 1 else f"{d} (+{len(group) - 1} seeds)"
-        col = lambda f, digits=3: _mean_sd([f(s, e) for _, s, e in group], digits)  # noqa: E731
-        rows.append([label, s["method"], s["rank"], s["experts"] if routed else None,
-                     (s["router"] or "default") if routed else "-", s["trainable_pct"],
-                     col(lambda s, e: s["train_time_s"], 0), col(lambda s, e: s["tokens_per_s"], 0),
+        c = s["config"]
+        routed = c["method"] not in ("lora", "full")
+
+        def col(f, digits=3, group=group):
+            return _mean_sd([f(s, e) for _, s, e in group], digits)
+
+        rows.append([str(d) if len(group) == 1 else f"{d} (+{len(group) - 1} seeds)", c["method"], c["rank"],
+                     c["experts"] if routed else None, (c["router"] or "default") if routed else "-",
+                     s["trainable_pct"], col(lambda s, e: s["train_time_s"], 0), col(lambda s, e: s["tokens_per_s"], 0),
                      col(lambda s, e: e["average"]),
                      *(col(lambda s, e, t=t: headline(e["tasks"][t]) if t in e["tasks"] else None) for t in tasks)])
     majority = runs[0][2]["majority"]
@@ -361,52 +368,7 @@ def compare(out_dirs):
                                    "mean ± sd over runs that differ only in the seed")
 
 
-# what makes two runs the same setup in --compare (the seed is deliberately not here)
-SETUP = ("method", "rank", "experts", "router", "targets", "alpha", "lr", "steps", "base", "data")
-
-
-# ----------------------------------------------------------------------------- processes and files
-
-
-def setup_distributed(device=None, timeout_min=30.0):  # train.py uses this and atomic_save too
-    """(rank, world, device). Under torchrun (RANK set): one process per GPU with nccl, else gloo on
-    CPUs; collectives give up after timeout_min minutes on a dead rank. Otherwise world size 1."""
-    if "RANK" in os.environ:
-        cuda = torch.cuda.is_available() and device in (None, "cuda")
-        dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min))
-        return dist.get_rank(), dist.get_world_size(), dev
-    return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def atomic_save(obj, path):
-    """Write text (a str) or torch.save anything else to a temporary name, then rename: a crash
-    mid-write never leaves a broken file, and a reader never sees half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- command line
-
-
-def load_checkpoint(out_dir, device="cpu", dtype=torch.float32):
-    """(model, tok, config) from a train.py output directory: base + adapters (or the full model), eval mode."""
-    from model import Transformer, load_tokenizer  # the model is only needed here; the metrics stand alone
-
-    ckpt = torch.load(Path(out_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    config = ckpt["config"]
-    model = Transformer.from_pretrained(config["base"], dtype=dtype, device=device)
-    if config["method"] == "full":
-        model.load_state_dict(ckpt["model"])
-    else:
-        teamlora.add_adapters(model, config["method"], config["rank"], config["experts"], config["alpha"],
-                              config["dropout"], config["targets"], config["router"])
-        teamlora.load_adapter_state_dict(model, ckpt["adapters"])
-    return model.to(device).eval(), load_tokenizer(config["base"]), config
 
 
 def main(argv=None):
@@ -414,27 +376,24 @@ def main(argv=None):
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ckpt", help="a train.py output directory")
     what.add_argument("--compare", nargs="+", metavar="OUT", help="print one row per evaluated run")
-    p.add_argument("--data", default=None, help="mixture to test on (default: the one the run trained on)")
-    p.add_argument("--limit", type=int, default=None, help="at most N test examples per task")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--data", help="mixture to test on (default: the one the run trained on)")
+    p.add_argument("--base", help="where the base model is now, if it moved since training (default: where it was)")
+    p.add_argument("--limit", type=int, help="at most N test examples per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices (default: 32)")
+    p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     args = p.parse_args(argv)
     if args.compare:
-        try:
-            print(compare(args.compare))
-        except FileNotFoundError as e:
-            p.error(str(e))
+        print(compare(args.compare))
         return
-    rank, _, device = setup_distributed(args.device)
-    try:
+    with common.distributed(args.device) as (rank, _, device):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
-        model, tok, config = load_checkpoint(args.ckpt, device, dtype)
+        model, tok, config = common.load_run(args.ckpt, device, dtype, base=args.base)
         _, test = load_mixture(args.data or config["data"])
         results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens, args.limit)
         if rank == 0:
             out = Path(args.ckpt)
-            atomic_save(json.dumps(results, indent=1), out / "eval.json")
+            common.atomic_save(json.dumps(results, indent=1), out / "eval.json")
             print(format_table(results))
             if results["routing"]:
                 try:
@@ -443,10 +402,7 @@ def main(argv=None):
                 except ImportError:
                     print("matplotlib is not installed: routing.png skipped (pip install matplotlib)")
             print(f"-> {out / 'eval.json'}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

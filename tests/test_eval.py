@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import common
 import data
 import eval as ev
 import teamlora
@@ -29,17 +30,18 @@ SEQ_LEN = 128
 def test_accuracy_and_macro_f1_on_an_unbalanced_task():
     gold = ["ham"] * 9 + ["spam"]
     always_ham = ["ham"] * 10
-    assert ev.accuracy(always_ham, gold) == pytest.approx(0.9)
+    labels = ["ham", "spam"]
+    assert ev.accuracy(ev.confusion(always_ham, gold, labels)) == pytest.approx(0.9)
     # F1(ham) = 2*9 / (2*9 + 1 FP + 0 FN) = 18/19; F1(spam) = 0 (its one example missed): mean 9/19.
-    assert ev.macro_f1(always_ham, gold, ["ham", "spam"]) == pytest.approx(9 / 19)
+    assert ev.macro_f1(ev.confusion(always_ham, gold, labels)) == pytest.approx(9 / 19)
     # A label neither gold nor predicted is skipped, not counted as F1 = 0.
-    assert ev.macro_f1(always_ham, gold, ["ham", "spam", "phishing"]) == pytest.approx(9 / 19)
+    assert ev.macro_f1(ev.confusion(always_ham, gold, labels + ["phishing"])) == pytest.approx(9 / 19)
     # The spam found, one ham lost: ham TP 8 FN 1 -> F1 16/17; spam TP 1 FP 1 -> F1 2/3.
     pred = ["ham"] * 8 + ["spam", "spam"]
-    assert ev.accuracy(pred, gold) == pytest.approx(0.9)
-    assert ev.macro_f1(pred, gold, ["ham", "spam"]) == pytest.approx((16 / 17 + 2 / 3) / 2)
+    assert ev.accuracy(ev.confusion(pred, gold, labels)) == pytest.approx(0.9)
+    assert ev.macro_f1(ev.confusion(pred, gold, labels)) == pytest.approx((16 / 17 + 2 / 3) / 2)
     with pytest.raises(ValueError, match="not one of"):
-        ev.macro_f1(["eggs"], ["ham"], ["ham", "spam"])
+        ev.confusion(["eggs"], ["ham"], labels)
 
 
 def test_exact_match_and_rouge_l():
@@ -222,14 +224,14 @@ def run_dir(tmp_path_factory, sp_tokenizer, builtin_mixture):
               "targets": ["w1", "w2", "w3"], "router": None, "seq_len": SEQ_LEN, "base": str(base), "data": str(mix)}
     torch.save({"config": config, "adapters": teamlora.adapter_state_dict(model), "step": 1}, run / "checkpoint.pt")
     (run / "summary.json").write_text(json.dumps(
-        {"method": "teamlora", "rank": 2, "experts": 3, "router": None, "trainable": 1234, "trainable_pct": 1.5,
+        {"config": {**config, "seed": 0}, "trainable": 1234, "trainable_pct": 1.5,
          "router_params": 96, "train_time_s": 12.3, "tokens_per_s": 4000.0, "steps": 1}))
     return run, model
 
 
 def test_load_checkpoint_rebuilds_the_adapted_model(run_dir, tmp_path):
     run, trained = run_dir
-    model, tok, config = ev.load_checkpoint(run)
+    model, tok, config = common.load_run(run)
     assert config["method"] == "teamlora" and not model.training
     x = torch.tensor([tok.encode("a dog and a cat", bos=True, eos=False)])
     torch.testing.assert_close(model(x), trained(x))
@@ -239,7 +241,7 @@ def test_load_checkpoint_rebuilds_the_adapted_model(run_dir, tmp_path):
     state = Transformer.from_pretrained(config["base"]).state_dict()
     state = {k: v + 0.01 for k, v in state.items()}
     torch.save({"config": {**config, "method": "full"}, "model": state, "step": 1}, full / "checkpoint.pt")
-    model, _, _ = ev.load_checkpoint(full)
+    model, _, _ = common.load_run(full)
     assert torch.equal(model.layers[0].attention.wq.weight, state["layers.0.attention.wq.weight"])
 
 
@@ -275,8 +277,8 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
     other = tmp_path / "lora"
     other.mkdir()
     (other / "summary.json").write_text(json.dumps(
-        {"method": "lora", "rank": 8, "experts": 4, "router": None, "trainable": 999, "trainable_pct": 0.75,
-         "router_params": 0, "train_time_s": 60.0, "tokens_per_s": 5000.0, "steps": 10}))
+        {"config": {"method": "lora", "rank": 8, "experts": 4, "router": None, "seed": 0}, "trainable": 999,
+         "trainable_pct": 0.75, "router_params": 0, "train_time_s": 60.0, "tokens_per_s": 5000.0, "steps": 10}))
     with pytest.raises(FileNotFoundError, match=r"lora.eval\.json"):
         ev.compare([other])
     (other / "eval.json").write_text(json.dumps(
@@ -298,7 +300,8 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
     for seed, avg in ((1, 0.5), (2, 0.7)):
         d = tmp_path / f"lora-s{seed}"
         d.mkdir()
-        (d / "summary.json").write_text(json.dumps({**json.loads((other / "summary.json").read_text()), "seed": seed}))
+        s = json.loads((other / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**s, "config": {**s["config"], "seed": seed}}))
         (d / "eval.json").write_text((other / "eval.json").read_text().replace("0.625", str(avg)))
         seeds.append(d)
     lines = ev.compare([*seeds, run]).splitlines()

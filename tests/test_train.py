@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import common
 import data
 import eval as evaluation
 import teamlora
@@ -65,7 +67,7 @@ def run(args, nproc=None):
 
 
 def adapters(out):
-    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)["adapters"]
+    return load_file(Path(out) / "adapters.safetensors")
 
 
 def log(out):
@@ -93,16 +95,16 @@ class Crash(Exception):
 def test_killed_and_resumed_run_ends_with_the_same_weights(setup, tmp_path, monkeypatch):
     args = ["--max-steps", "6", "--save-every", "3", "--batch-size", "3", "--dropout", "0.1", "--no-eval"]
     train.train(train.get_args(flags(setup, tmp_path / "whole", *args)))
-    save = train.save_checkpoint
+    save = train.save
 
     def save_then_die(*a, **k):
         save(*a, **k)
         raise Crash  # the process dies right after its step-3 checkpoint
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save", save_then_die)
     with pytest.raises(Crash):
         train.train(train.get_args(flags(setup, tmp_path / "cut", *args)))
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(train, "save", save)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
     train.train(train.get_args(flags(setup, tmp_path / "cut", *args, "--resume")))
     whole, cut = adapters(tmp_path / "whole"), adapters(tmp_path / "cut")
@@ -115,7 +117,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(setup, tmp_path, monk
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    evaluation.atomic_save({"step": 1}, path)
+    common.atomic_save({"step": 1}, path)
 
     def broken_save(obj, f):
         Path(f).write_bytes(b"half a checkpoint")
@@ -123,7 +125,7 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        evaluation.atomic_save({"step": 2}, path)
+        common.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
 
@@ -134,7 +136,7 @@ def test_checkpoint_loads_back_for_evaluation(setup, tmp_path):
     assert "average" in res.stdout.lower()
     results = json.loads((out / "eval.json").read_text())
     assert set(results["tasks"]) == {"color", "copy"}
-    model, tok, config = evaluation.load_checkpoint(out)
+    model, tok, config = common.load_run(out)
     assert config["method"] == "teamlora"
     for k, v in adapters(out).items():
         assert torch.equal(teamlora.adapter_state_dict(model)[k], v)
