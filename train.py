@@ -42,7 +42,7 @@ class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFo
     """--help shows each default; a flag whose default depends on others says so in its own help."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def preset(what):
@@ -52,7 +52,8 @@ def preset(what):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    p.add_argument("--method", default="teamlora", choices=teamlora.METHODS + ("full",))
+    p.add_argument("--method", default="teamlora", choices=teamlora.METHODS + ("full",),
+                   help="adapter kind; full = fine-tune every weight")
     p.add_argument("--rank", type=int, default=8, help="per-expert rank r (LoRA: its rank)")
     p.add_argument("--experts", type=int, default=4, help="k, for the routed methods")
     p.add_argument("--router", choices=teamlora.ROUTERS, help="default: the method's own (teamlora.add_adapters)")
@@ -74,11 +75,11 @@ def get_args(argv=None):
     p.add_argument("--seq-len", type=int, help="tokens per example, longer inputs are cut " + preset("seq_len"))
     p.add_argument("--lr", type=float, help="peak learning rate " + preset("lr"))
     p.add_argument("--warmup", type=float, help="warm-up fraction of the steps " + preset("warmup"))
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter matrices")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping; 0 = off")
     p.add_argument("--temperature", type=float, default=1.0, help="task mixing temperature (1 = by size)")
     p.add_argument("--task-cap", type=int, help="at most this many training examples per task (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 autocast on GPUs, else float32")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
