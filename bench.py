@@ -151,7 +151,7 @@ def decode_ms(model, prompt, new_tokens, device, dtype):
 
         def steps(tok=first):
             for pos in range(P, P + new_tokens):
-                tok = model(tok, pos)[:, -1:].argmax(-1)
+                tok = model(tok, start_pos=pos)[:, -1:].argmax(-1)
 
         ms = elapsed_ms(steps, device)
     model.clear_cache()

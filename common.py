@@ -5,7 +5,7 @@ and turning a user's mistake into one line instead of a traceback.
     if __name__ == "__main__":
         cli(main)          # main(argv) parses its own flags
 
-A train.py output directory OUT holds (save_checkpoint and load_checkpoint, side by side below):
+A train.py output directory OUT holds (save_checkpoint and read_checkpoint, side by side below):
 
     adapters.safetensors   the trained tensors: teamlora.adapter_state_dict (--method full: the
                            whole model's); metadata "step" and "adapter" (JSON)
@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 import data
 import teamlora
 from data import DataError
-from model import CheckpointError, Transformer, load_tokenizer
+from model import CheckpointError, Transformer, load_tokenizer, resolve_base
 
 ADAPTERS, CHECKPOINT = "adapters.safetensors", "checkpoint.pt"
 # train.py flags that say how a run is carried out, not what it computes: a resume may change
@@ -144,7 +144,7 @@ def trained_tensors(model, adapter):
 
 def save_checkpoint(out, tensors, state):
     """Write OUT/adapters.safetensors (tensors) and OUT/checkpoint.pt (state), both complete under
-    temporary names before either is renamed; load_checkpoint mends a crash between the renames."""
+    temporary names before either is renamed; read_checkpoint mends a crash between the renames."""
     out = Path(out)
     meta = {"step": str(state["step"]), "adapter": json.dumps(state["adapter"])}
     tmp_tensors, tmp_state = _write_tmp(tensors, out / ADAPTERS, meta), _write_tmp(state, out / CHECKPOINT)
@@ -159,7 +159,7 @@ def _torch_load(path):
         raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
 
 
-def load_checkpoint(out):
+def read_checkpoint(out):
     """checkpoint.pt's dict plus "tensors" (adapters.safetensors). A checkpoint.pt of the older
     single-file format (adapters inside, flat config) comes back in the same shape, with "legacy"."""
     out = Path(out)
@@ -194,18 +194,19 @@ def _legacy(ckpt):
 
 
 def base_dir(name):
-    """The directory of a --base: the built-in tiny base for "tiny", else the path itself."""
-    return data.TINY_BASE if name == "tiny" else Path(name)
+    """The directory of a --base: the built-in tiny base for "tiny", else a checkpoint directory or
+    a Hub id fetched into the Hugging Face cache (model.resolve_base)."""
+    return data.TINY_BASE if name == "tiny" else resolve_base(name)
 
 
 def load_run(out_dir, device="cpu", dtype=torch.float32, base=None):
     """(model, tokenizer, config) of a train.py output directory, in eval mode: the base model with
     the trained adapters (or the fully fine-tuned weights). base: where the base model is now, if
     it moved since training (a --base value: a directory or "tiny")."""
-    ckpt = load_checkpoint(out_dir)
-    path = base_dir(base) if base else Path(ckpt["base_path"])
-    if not path.is_dir():
-        raise CheckpointError(f"{out_dir}: its base model {path} is not there; pass its new place with --base")
+    ckpt = read_checkpoint(out_dir)
+    path = Path(ckpt["base_path"])
+    if base or not path.is_dir():  # moved, or trained elsewhere: a Hub id is fetched again
+        path = base_dir(base or ckpt["config"]["base"])
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     try:
         if ckpt["adapter"] is None:

@@ -382,7 +382,16 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default: 32)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices (default: 32)")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
+    p.add_argument("--export", metavar="DIR", help="instead of evaluating, write the run's adapters for "
+                   "Hugging Face models (LoRA: a PEFT directory; see export.py)")
     args = p.parse_args(argv)
+    if args.export:
+        if not args.ckpt:
+            p.error("--export needs --ckpt OUT")
+        from export import export_adapters
+        model, _, config = common.load_run(args.ckpt, base=args.base)  # CPU, float32: the adapters as trained
+        export_adapters(model, config, args.export)
+        return
     if args.compare:
         print(compare(args.compare))
         return

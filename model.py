@@ -2,9 +2,11 @@
 (Meta params.json + consolidated.*.pth, or Hugging Face config.json + safetensors/bin) and generates.
 
     python model.py CHECKPOINT_DIR --prompt "The capital of France is" --max-new-tokens 32
+    python model.py CHECKPOINT_DIR --adapters runs/teamlora --prompt "..."    # with a run's adapters
     python -m pytest -q tests/test_model.py
 """
 import argparse
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -17,8 +19,15 @@ import torch.utils.checkpoint
 from torch import nn
 
 
+IGNORE = -100  # a target without loss (F.cross_entropy's ignore_index; data.IGNORE is the same)
+
+
 class CheckpointError(ValueError):
     """A checkpoint, tokenizer or base name that cannot be used (a user's mistake, not a bug)."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """A checkpoint directory, file or Hub id that is not there."""
 
 
 @dataclass
@@ -170,8 +179,16 @@ class Transformer(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)  # (seq_len, head_dim/2)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """tokens (B, T) at positions start_pos .. start_pos+T-1 -> float logits (B, T, vocab_size)."""
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, reduction: str = "mean",
+                start_pos: int = 0) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos .. start_pos+T-1.
+
+        Without targets: float logits (B, T, vocab_size). With targets (B, T), IGNORE where there is
+        no loss: their cross-entropy, "mean" over the target positions or "none" (B, T) with 0 where
+        ignored. The output layer and its float32 log-softmax then run only at the target positions:
+        fine-tuning scores a few answer tokens, and a large vocabulary at every position would cost a
+        large share of a small model's step.
+        """
         T = tokens.shape[1]
         if start_pos + T > self.cos.shape[0] or self.cos.dtype != torch.float32:
             # longer than max_seq_len, or model.to(bf16) rounded the buffers: recompute
@@ -183,7 +200,15 @@ class Transformer(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, start_pos, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, start_pos, cos, sin)
-        return self.output(self.norm(h)).float()
+        if targets is None:
+            return self.output(self.norm(h)).float()
+        keep = targets != IGNORE  # (B, T)
+        # (N, vocab) logits at the N target positions only; float32 for the log-softmax under autocast
+        logits = self.output(self.norm(h[keep])).float()
+        loss = F.cross_entropy(logits, targets[keep], reduction=reduction)
+        if reduction == "none":
+            return torch.zeros(targets.shape, dtype=loss.dtype, device=loss.device).index_put((keep,), loss)
+        return loss
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
         w = self.tok_embeddings.weight
@@ -221,7 +246,7 @@ class Transformer(nn.Module):
         try:
             prev = 0
             for cur in range(min(lens), total):
-                logits = self(tokens[:, prev:cur], prev)[:, -1]  # (B, vocab)
+                logits = self(tokens[:, prev:cur], start_pos=prev)[:, -1]  # (B, vocab)
                 nxt = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
                 tokens[:, cur] = nxt
                 if eos_id is not None:
@@ -240,15 +265,15 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """Load a Hugging Face (config.json) or Meta (params.json) checkpoint directory."""
-        path = Path(path)
+        """Load a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a Hub id."""
+        path = resolve_base(path)
         hf = (path / "config.json").exists()
         if hf:
             args, tensors = _hf_checkpoint(path)
         elif (path / "params.json").exists():
             args, tensors = _meta_checkpoint(path)
         else:
-            raise FileNotFoundError(f"{path}: no checkpoint here (looked for config.json and params.json)")
+            raise CheckpointNotFound(f"{path}: no checkpoint here (looked for config.json and params.json)")
         with torch.device("meta"):  # shapes only; the checkpoint's tensors become the parameters
             model = cls(args)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -262,7 +287,7 @@ class Transformer(nn.Module):
                 unexpected.append(source)
                 continue
             if t.shape != expected[name]:
-                raise ValueError(f"{source}: shape {tuple(t.shape)}, but {name} in the model "
+                raise CheckpointError(f"{source}: shape {tuple(t.shape)}, but {name} in the model "
                                  f"is {tuple(expected[name])}")
             if hf and name.endswith(("attention.wq.weight", "attention.wk.weight")):
                 t = _unpermute_hf(t, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads or args.n_heads)
@@ -270,7 +295,7 @@ class Transformer(nn.Module):
             state[name] = t.to(device=device, dtype=dtype, copy=True)
         missing = [k for k in expected if k not in state]
         if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not match the model; missing {len(missing)}: "
+            raise CheckpointError(f"{path}: checkpoint does not match the model; missing {len(missing)}: "
                              f"{missing[:10]}; unexpected {len(unexpected)}: {unexpected[:10]}")
         model.load_state_dict(state, strict=False, assign=True)
         model._init_rope(args.max_seq_len, device)
@@ -318,7 +343,7 @@ def _unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _hf_args(config: dict, file: Path) -> ModelArgs:
     def reject(key, why):
-        raise ValueError(f"{file}: {key}={config[key]!r} is not supported ({why})")
+        raise CheckpointError(f"{file}: {key}={config[key]!r} is not supported ({why})")
 
     if config.get("model_type", "llama") not in ("llama", "mistral"):
         reject("model_type", "only llama and mistral")
@@ -350,7 +375,7 @@ def _hf_args(config: dict, file: Path) -> ModelArgs:
             rope_scaling={k: rope[k] for k in scaling_keys} if rope_type == "llama3" else None,
             max_seq_len=max_pos, tie_embeddings=config.get("tie_word_embeddings", False))
     except KeyError as e:
-        raise ValueError(f"{file}: missing key {e}") from None
+        raise CheckpointError(f"{file}: missing key {e}") from None
 
 
 def _hf_checkpoint(path: Path):
@@ -364,10 +389,10 @@ def _hf_checkpoint(path: Path):
             files = [path / f for f in sorted(set(json.loads((path / index).read_text())["weight_map"].values()))]
             break
     else:
-        raise FileNotFoundError(f"{path}: config.json but no weights (looked for model.safetensors, "
+        raise CheckpointNotFound(f"{path}: config.json but no weights (looked for model.safetensors, "
                                 "model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json)")
     if absent := [str(f) for f in files if not f.exists()]:
-        raise FileNotFoundError(f"{path}: shards named in the index are missing: {absent}")
+        raise CheckpointNotFound(f"{path}: shards named in the index are missing: {absent}")
 
     def tensors():
         for file in files:
@@ -384,7 +409,7 @@ def _meta_checkpoint(path: Path):
     params = json.loads((path / "params.json").read_text())
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
-        raise FileNotFoundError(f"{path}: params.json but no consolidated.*.pth")
+        raise CheckpointNotFound(f"{path}: params.json but no consolidated.*.pth")
     shards = [dict(_read(f)) for f in files]  # mmapped: costs address space, not memory
     args = ModelArgs(**{f.name: params[f.name] for f in fields(ModelArgs) if f.name in params})
     if params.get("use_scaled_rope") and not args.rope_scaling:  # Llama-3.1's constants
@@ -402,7 +427,7 @@ def _meta_checkpoint(path: Path):
                 yield name, source, first
                 continue
             if absent := [str(f) for f, s in zip(files, shards) if name not in s]:
-                raise ValueError(f"{name} is in {files[0]} but not in {absent}")
+                raise CheckpointError(f"{name} is in {files[0]} but not in {absent}")
             # column-parallel layers split output rows, row-parallel ones (wo, w2) input columns; the
             # embedding is split along dim in LLaMA-2 (ParallelEmbedding), along vocab in Llama-3
             if name == "tok_embeddings.weight":
@@ -424,7 +449,7 @@ def _read(file: Path):
         else:
             yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
     except Exception as e:
-        raise ValueError(f"cannot read {file}: {e}") from e
+        raise CheckpointError(f"cannot read {file}: {e}") from e
 
 
 class Tokenizer:
@@ -436,7 +461,7 @@ class Tokenizer:
             try:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
-                raise ImportError(f"{path} needs the tokenizers package: pip install tokenizers") from None
+                raise CheckpointError(f"{path} needs the tokenizers package: pip install tokenizers") from None
             tok = HFTokenizer.from_file(str(path))
             config_file = path.parent / "tokenizer_config.json"
             config = json.loads(config_file.read_text()) if config_file.exists() else {}
@@ -458,14 +483,14 @@ class Tokenizer:
             try:
                 sp = spm.SentencePieceProcessor(model_file=str(path))
             except Exception as e:  # Meta's Llama-3 tokenizer.model is a tiktoken file
-                raise ValueError(f"{path} is not a SentencePiece model ({e}); for Llama-3 use the "
+                raise CheckpointError(f"{path} is not a SentencePiece model ({e}); for Llama-3 use the "
                                  "Hugging Face tokenizer.json") from e
             # SentencePiece says -1 for a disabled special token
             self.bos_id, self.eos_id, pad_id = (i if i >= 0 else None for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()))
             self.n_words = sp.vocab_size()
             self._encode, self._decode = sp.encode, sp.decode
         if self.bos_id is None or self.eos_id is None:
-            raise ValueError(f"{path}: no bos or eos token")
+            raise CheckpointError(f"{path}: no bos or eos token")
         self.pad_id = self.eos_id if pad_id is None else pad_id  # LLaMA has no pad token; eos is masked anyway
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
@@ -476,23 +501,83 @@ class Tokenizer:
 
 
 def load_tokenizer(model_dir) -> Tokenizer:
-    model_dir = Path(model_dir)
+    """The tokenizer of a checkpoint directory or Hub id: tokenizer.model, else tokenizer.json."""
+    model_dir = resolve_base(model_dir)
     for name in ("tokenizer.model", "tokenizer.json"):
         if (model_dir / name).exists():
             return Tokenizer(model_dir / name)
-    raise FileNotFoundError(f"{model_dir}: no tokenizer (looked for tokenizer.model and tokenizer.json)")
+    raise CheckpointNotFound(f"{model_dir}: no tokenizer (looked for tokenizer.model and tokenizer.json)")
+
+
+# ---- Hugging Face Hub ids ----------------------------------------------------------------------
+
+# What the loaders read, so a download skips everything else (other formats, ONNX, GGUF...).
+_HUB_FILES = ["config.json", "params.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+_HUB_WEIGHTS = (["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"],  # preferred
+                ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json",
+                 "consolidated.*.pth"])
+
+
+@functools.lru_cache(maxsize=None)
+def _download(repo_id: str) -> Path:
+    """The Hub repo's loader files in the standard Hugging Face cache (downloaded once; with
+    HF_HUB_OFFLINE=1 the cached copy is used). Safetensors are fetched; .bin only if there are none."""
+    try:
+        import huggingface_hub as hub
+        from huggingface_hub import errors
+    except ImportError:
+        raise CheckpointNotFound(f"{repo_id}: not a local directory; to download it from the Hugging Face Hub, "
+                                 "pip install huggingface_hub") from None
+    try:
+        for weights in _HUB_WEIGHTS:
+            path = Path(hub.snapshot_download(repo_id, allow_patterns=_HUB_FILES + weights))
+            if any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.pth")):
+                return path
+        return path  # no weights at all: from_pretrained names what is missing
+    except errors.GatedRepoError:  # a subclass of RepositoryNotFoundError: test it first
+        raise CheckpointError(f"{repo_id} is gated on the Hugging Face Hub: accept its licence on "
+                              f"https://huggingface.co/{repo_id}, then log in (`hf auth login` or HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise CheckpointNotFound(f"{repo_id}: no such local directory, and no such model on the Hugging Face Hub "
+                                 "(a private one needs `hf auth login` or HF_TOKEN)") from None
+    except errors.LocalEntryNotFoundError:
+        raise CheckpointNotFound(f"{repo_id}: not in the Hugging Face cache, and the Hub cannot be reached "
+                                 "(offline, or HF_HUB_OFFLINE=1): connect once to download it") from None
+    except (errors.HFValidationError, errors.HfHubHTTPError) as e:
+        raise CheckpointError(f"{repo_id}: cannot download from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+
+
+def resolve_base(name_or_path) -> Path:
+    """A local checkpoint directory as it is, else a Hugging Face Hub id ("org/name") fetched into the
+    Hugging Face cache. A base is stored in configs as the user gave it, so a Hub id stays an id."""
+    path = Path(name_or_path)
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        if not path.exists():
+            raise CheckpointNotFound(f"{name_or_path}: no such checkpoint directory (nor a Hub id: org/name)")
+        return path
+    return _download(str(name_or_path))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="the base: a checkpoint directory (Hugging Face or Meta layout) or a Hub id")
+    parser.add_argument("--adapters", metavar="OUT", help="a train.py output directory: generate with its adapters")
+    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    dtype, device = (torch.bfloat16, "cuda") if gpu else (torch.float32, "cpu")
+    if args.adapters:  # imported here: without --adapters model.py needs nothing else from the project
+        from common import load_run
+        model, tokenizer, _ = load_run(args.adapters, device, dtype, base=args.checkpoint)
+    else:
+        model, tokenizer = Transformer.from_pretrained(args.checkpoint, dtype, device), load_tokenizer(args.checkpoint)
+    prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
+    [new] = model.generate([prompt], args.max_new_tokens, eos_id=tokenizer.eos_id)  # greedy
+    print(args.prompt + tokenizer.decode(new))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    cli = parser.parse_args()
-    gpu = torch.cuda.is_available()
-    model = Transformer.from_pretrained(cli.checkpoint, torch.bfloat16 if gpu else torch.float32,
-                                        "cuda" if gpu else "cpu")
-    tokenizer = load_tokenizer(cli.checkpoint)
-    prompt = tokenizer.encode(cli.prompt, bos=True, eos=False)
-    [new] = model.generate([prompt], cli.max_new_tokens, eos_id=tokenizer.eos_id)  # greedy
-    print(cli.prompt + tokenizer.decode(new))
+    import model  # the imported module, so cli() catches its CheckpointError, not __main__'s
+    from common import cli
+    cli(model.main)

@@ -1,47 +1,51 @@
 #!/usr/bin/env bash
-# The paper's main table in miniature: every setup x 3 seeds on the built-in tiny base and mixture,
-# then one comparison table (mean ± sd over seeds). Two runs at a time, one thread each.
-#   bash table.sh                 # writes runs/table/<setup>-s<seed>/ and runs/table/table.txt
-#   STEPS=300 EVAL_LIMIT=200 bash table.sh   # shorter: 300 steps, 200 test examples per task
-# By default every run is the quick start's (400 steps of the tiny preset, the whole test split).
+# The paper's main table in miniature, on a real base (SmolLM2-135M-Instruct by default) and the
+# built-in mixture: every setup x 3 seeds with the `cpu` preset, then one comparison table
+# (mean ± sd over seeds). Resumable: a run with an eval.json is skipped, so rerun after a stop.
+#   bash table.sh                                  # runs/table/<setup>-s<seed>/ and runs/table/table.txt
+#   BASE=/path/to/SmolLM2-135M-Instruct bash table.sh            # a local copy instead of the Hub id
+#   JOBS=2 SEEDS="0 1 2" SETUPS="lora-r8 teamlora" bash table.sh  # two runs at a time (one thread each)
+#   EXTRA="--max-steps 100" bash table.sh                          # any train.py flags, for every run
 set -euo pipefail
 cd "$(dirname "$0")"
-STEPS=${STEPS:-400}
-EVAL_LIMIT=${EVAL_LIMIT:-}
-OUT=runs/table
-COMMON="--max-steps $STEPS ${EVAL_LIMIT:+--eval-limit $EVAL_LIMIT}"
-declare -A SETUPS=(
-  [lora-r8]="--method lora --rank 8"
-  [lora-r32]="--method lora --rank 32"
-  [moelora]="--method moelora --experts 4 --rank 8"
-  [hydralora]="--method hydralora --experts 4 --rank 8"
-  [teamlora]="--method teamlora --experts 4 --rank 8"
-  [teamlora-r4]="--method teamlora --experts 4 --rank 4"
-  [collab-only]="--method teamlora --experts 4 --rank 8 --router softmax"
-  [compete-only]="--method moelora --experts 4 --rank 8 --router shapley"
+BASE=${BASE:-HuggingFaceTB/SmolLM2-135M-Instruct}
+OUT=${OUT:-runs/table}
+JOBS=${JOBS:-1}
+SEEDS=${SEEDS:-0 1 2}
+EXTRA=${EXTRA:-}
+declare -A FLAGS=(
+  [lora-r8]="--method lora --rank 8"                              # LoRA r
+  [lora-r32]="--method lora --rank 32"                            # LoRA k·r: TeamLoRA's total rank
+  [moelora]="--method moelora --experts 4 --rank 8"               # k experts of rank r, softmax router
+  [hydralora]="--method hydralora --experts 4 --rank 8"           # shared A of rank r, k heads
+  [teamlora]="--method teamlora --experts 4 --rank 8"             # shared A of rank k·r split in k, shapley router
+  [teamlora-r4]="--method teamlora --experts 4 --rank 4"          # TeamLoRA r/2
+  # The ablation that changes the function: the same TeamLoRA structure with the softmax router
+  # (the same function as moelora, at TeamLoRA's cost), and with it at alpha x k, since softmax
+  # weights sum to 1 and shapley's to k.
+  [teamlora-softmax]="--method teamlora --experts 4 --rank 8 --router softmax"
+  [teamlora-softmax-a128]="--method teamlora --experts 4 --rank 8 --router softmax --alpha 128"
 )
-ORDER="lora-r8 lora-r32 moelora hydralora teamlora teamlora-r4 collab-only compete-only"
-python train.py --method lora --max-steps 1 --no-eval --out "$OUT/warmup" > /dev/null  # builds the tiny base once
-jobs_list=()
-for seed in 0 1 2; do
-  for name in $ORDER; do
-    jobs_list+=("$name $seed")
-  done
-done
+SETUPS=${SETUPS:-lora-r8 lora-r32 moelora hydralora teamlora teamlora-r4 teamlora-softmax teamlora-softmax-a128}
+THREADS=$(( $(nproc) / JOBS )); [ "$THREADS" -ge 1 ] || THREADS=1
+mkdir -p "$OUT"
 run_one() {
   local name=$1 seed=$2 dir="$OUT/$1-s$2"
   [ -f "$dir/eval.json" ] && return 0  # done already: rerunning the script resumes the table
-  OMP_NUM_THREADS=1 python train.py ${SETUPS[$name]} --seed "$seed" $COMMON --out "$dir" > "$dir.log" 2>&1
+  rm -rf "$dir"  # an unfinished run starts over (its checkpoint may be from another flag set)
+  OMP_NUM_THREADS=$THREADS python train.py ${FLAGS[$name]} --base "$BASE" --seed "$seed" $EXTRA --out "$dir" \
+    > "$dir.log" 2>&1 || { echo "FAILED $dir (see $dir.log)"; return 1; }
   echo "done $dir: $(python -c "import json; print(round(json.load(open('$dir/eval.json'))['average'], 3))")"
 }
-mkdir -p "$OUT"
 running=0
-for job in "${jobs_list[@]}"; do
-  run_one $job &
-  running=$((running + 1))
-  if [ "$running" -ge 2 ]; then wait -n; running=$((running - 1)); fi
+for seed in $SEEDS; do
+  for name in $SETUPS; do
+    run_one "$name" "$seed" &
+    running=$((running + 1))
+    if [ "$running" -ge "$JOBS" ]; then wait -n || true; running=$((running - 1)); fi
+  done
 done
 wait
 dirs=()
-for name in $ORDER; do for seed in 0 1 2; do dirs+=("$OUT/$name-s$seed"); done; done
+for name in $SETUPS; do for seed in $SEEDS; do [ -f "$OUT/$name-s$seed/eval.json" ] && dirs+=("$OUT/$name-s$seed"); done; done
 python eval.py --compare "${dirs[@]}" | tee "$OUT/table.txt"

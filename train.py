@@ -188,7 +188,7 @@ def read_resume(args, world):
     out = Path(args.out)
     if not (out / common.CHECKPOINT).exists():
         raise UserError(f"--resume: no {out / common.CHECKPOINT}; start without --resume")
-    ckpt = common.load_checkpoint(out)
+    ckpt = common.read_checkpoint(out)
     if ckpt.get("legacy"):
         raise UserError(f"--resume: {out} was written by an older train.py; eval.py reads it, resuming needs a new run")
     now, then = vars(args), ckpt["config"]

@@ -54,10 +54,49 @@ def test_kv_cache_matches_full_forward():
     model.setup_cache(2, 10)
     pieces, pos = [], 0
     for T in (4, 3, 1, 1, 1):  # prefill, a chunk with start_pos > 0 (explicit mask), then one at a time
-        pieces.append(model(x[:, pos:pos + T], pos))
+        pieces.append(model(x[:, pos:pos + T], start_pos=pos))
         pos += T
     model.clear_cache()
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_targets_loss_equals_full_logits_cross_entropy(tied, reduction):
+    """forward(tokens, targets) computes the output layer only at target positions: same loss, same grads."""
+    x = tokens(T=10)
+    targets = torch.full_like(x, -100)
+    targets[0, 3], targets[0, 9], targets[1, 5:] = 7, 11, x[1, 5:]  # a few scattered targets per row
+    weights = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))  # a backward through every position
+    losses, grads = [], []
+    for use_targets in (False, True):
+        model = tiny(tie_embeddings=tied).train()
+        if use_targets:
+            loss = model(x, targets, reduction=reduction)
+        else:
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), targets.flatten(), reduction=reduction)
+            loss = loss.view_as(targets) if reduction == "none" else loss
+        (loss if reduction == "mean" else (loss * weights).sum()).backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    if reduction == "none":
+        assert losses[1].shape == x.shape and (losses[1][targets == -100] == 0).all()
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_targets_under_bf16_autocast():
+    """Under autocast the (N, vocab) logits are upcast to float32 before the log-softmax."""
+    model, x = tiny(), tokens(T=10)
+    targets = torch.full_like(x, -100)
+    targets[:, -2:] = x[:, :2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, targets)
+        full = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), targets.flatten())
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, full)
 
 
 def test_generate_batch_equals_each_alone():
