@@ -17,6 +17,7 @@ A train.py output directory OUT holds (save_checkpoint and read_checkpoint, side
                                       tokens of all ranks, the last step's loss
                            optimizer, scheduler, rng (one dict per rank), data {"examples_seen"}
 """
+import gc
 import json
 import os
 import sys
@@ -83,6 +84,9 @@ def distributed(device=None, timeout_min=30.0):
     try:
         yield dist.get_rank(), dist.get_world_size(), dev
     finally:
+        # A finished DDP wrapper lingers in a reference cycle; destroying the group under it makes
+        # some processes abort at exit ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 

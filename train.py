@@ -271,80 +271,80 @@ def open_log(out, step):
 # ----------------------------------------------------------------------------- the run
 
 
-def train(args):
-    with common.distributed(args.device, args.timeout) as (rank, world, device):
-        main = rank == 0
-        out = Path(args.out)
-        resume = read_resume(args, world) if args.resume else None
-        base, tok, model, adapter, train_set, test_set = build(args, device)
-        ds = data.TaskDataset(train_set, tok, args.seq_len, verbose=main)
-        sampler = data.MixtureSampler(ds.task_of, args.temperature, args.task_cap, args.seed, rank, world)
-        per_step = args.batch_size * args.grad_accum  # examples per rank per optimizer step
-        steps = args.max_steps or max(1, int(args.epochs * len(sampler) / per_step))
-        params, opt, sched = make_optimizer(model, args, steps, device)
-        progress = dict(step=0, train_time=0.0, tokens=0, loss=None)
-        if resume:
-            progress = restore(resume, model, adapter, opt, sched)
-        report = teamlora.parameter_report(model)
-        log = None
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            print_config(args, world, steps, report, ds, len(train_set), len(test_set))
-            log = open_log(out, progress["step"])
-        raw = model  # checkpoints and evaluation use the unwrapped, uncompiled module
-        if args.compile:
-            model = torch.compile(model)
-        ddp = dist.is_initialized()
-        if ddp:
-            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        torch.manual_seed(args.seed + rank)  # dropout differs per rank; data order comes from the sampler
-        if resume:
-            torch.set_rng_state(resume["rng"][rank]["cpu"])
-            if device.type == "cuda" and "cuda" in resume["rng"][rank]:
-                torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
-        bf16 = args.dtype == "bfloat16" or (args.dtype is None and device.type == "cuda")
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        stream = batches(ds, sampler, tok, args.batch_size, progress["step"] * per_step, device)
-        if progress["step"] >= steps and main:
-            print(f"{out} finished its {steps} steps already; nothing to train")
-        bar = tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not main, dynamic_ncols=True)
-        model.train()
-        while progress["step"] < steps:
-            t0 = time.time()
-            micro = [next(stream) for _ in range(args.grad_accum)]
-            # The loss is summed over answer tokens and divided by the step's answer tokens on all
-            # ranks, times the world size since DDP averages gradients: one process on the global batch.
-            n_answer = common.all_reduce(sum((b["targets"] != data.IGNORE).sum() for b in micro).float(), device)
-            sums = torch.zeros(2, len(ds.tasks), dtype=torch.float64, device=device)
-            aux_sum = torch.zeros((), device=device)
-            for i, b in enumerate(micro):
-                if ddp:  # gradients sync across ranks on the last micro-step only, set before its forward
-                    model.require_backward_grad_sync = i == args.grad_accum - 1
-                with autocast:
-                    losses = token_losses(model, b)  # (B, T)
-                aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over real tokens
-                loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
-                loss.backward()
-                sums += task_sums(b, losses.detach(), len(ds.tasks))
-                aux_sum += aux.detach() / args.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            rec = record(sums, aux_sum, micro, grad_norm, sched.get_last_lr()[0], time.time() - t0, progress,
-                         ds.tasks, world, device)
-            if main:
-                log.write(json.dumps(rec) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}")
-            if progress["step"] == steps or (args.save_every and progress["step"] % args.save_every == 0):
-                save(raw, adapter, base, opt, sched, progress, args, device)
-        bar.close()
-        if main:
-            log.close()
-            write_summary(out, args, adapter, base, report, progress, steps)
-        if not args.no_eval:
-            final_eval(raw, tok, test_set, args, report, progress)
+def train(args, rank, world, device):
+    """The run, from building the model to the final evaluation (main sets up the processes)."""
+    master = rank == 0  # the process that logs and writes
+    out = Path(args.out)
+    resume = read_resume(args, world) if args.resume else None
+    base, tok, model, adapter, train_set, test_set = build(args, device)
+    ds = data.TaskDataset(train_set, tok, args.seq_len, verbose=master)
+    sampler = data.MixtureSampler(ds.task_of, args.temperature, args.task_cap, args.seed, rank, world)
+    per_step = args.batch_size * args.grad_accum  # examples per rank per optimizer step
+    steps = args.max_steps or max(1, int(args.epochs * len(sampler) / per_step))
+    params, opt, sched = make_optimizer(model, args, steps, device)
+    progress = dict(step=0, train_time=0.0, tokens=0, loss=None)
+    if resume:
+        progress = restore(resume, model, adapter, opt, sched)
+    report = teamlora.parameter_report(model)
+    log = None
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print_config(args, world, steps, report, ds, len(train_set), len(test_set))
+        log = open_log(out, progress["step"])
+    raw = model  # checkpoints and evaluation use the unwrapped, uncompiled module
+    if args.compile:
+        model = torch.compile(model)
+    ddp = dist.is_initialized()
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.manual_seed(args.seed + rank)  # dropout differs per rank; data order comes from the sampler
+    if resume:
+        torch.set_rng_state(resume["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in resume["rng"][rank]:
+            torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
+    bf16 = args.dtype == "bfloat16" or (args.dtype is None and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    stream = batches(ds, sampler, tok, args.batch_size, progress["step"] * per_step, device)
+    if progress["step"] >= steps and master:
+        print(f"{out} finished its {steps} steps already; nothing to train")
+    bar = tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True)
+    model.train()
+    while progress["step"] < steps:
+        t0 = time.time()
+        micro = [next(stream) for _ in range(args.grad_accum)]
+        # The loss is summed over answer tokens and divided by the step's answer tokens on all
+        # ranks, times the world size since DDP averages gradients: one process on the global batch.
+        n_answer = common.all_reduce(sum((b["targets"] != data.IGNORE).sum() for b in micro).float(), device)
+        sums = torch.zeros(2, len(ds.tasks), dtype=torch.float64, device=device)
+        aux_sum = torch.zeros((), device=device)
+        for i, b in enumerate(micro):
+            if ddp:  # gradients sync across ranks on the last micro-step only, set before its forward
+                model.require_backward_grad_sync = i == args.grad_accum - 1
+            with autocast:
+                losses = token_losses(model, b)  # (B, T)
+            aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over real tokens
+            loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
+            loss.backward()
+            sums += task_sums(b, losses.detach(), len(ds.tasks))
+            aux_sum += aux.detach() / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        rec = record(sums, aux_sum, micro, grad_norm, sched.get_last_lr()[0], time.time() - t0, progress,
+                     ds.tasks, world, device)
+        if master:
+            log.write(json.dumps(rec) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}")
+        if progress["step"] == steps or (args.save_every and progress["step"] % args.save_every == 0):
+            save(raw, adapter, base, opt, sched, progress, args, device)
+    bar.close()
+    if master:
+        log.close()
+        write_summary(out, args, adapter, base, report, progress, steps)
+    if not args.no_eval:
+        final_eval(raw, tok, test_set, args, report, progress)
 
 
 def print_config(args, world, steps, report, ds, n_train, n_test):
@@ -376,7 +376,9 @@ def final_eval(model, tok, test_set, args, report, progress):
 
 
 def main(argv=None):
-    train(get_args(argv))
+    args = get_args(argv)
+    with common.distributed(args.device, args.timeout) as (rank, world, device):
+        train(args, rank, world, device)  # returned: its DDP wrapper is freed before the group is destroyed
 
 
 if __name__ == "__main__":
