@@ -204,7 +204,8 @@ def write_jsonl(path, examples):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, sp_tokenizer, builtin_mixture):
-    """What train.py leaves: a base directory (weights + tokenizer), a mixture, checkpoint.pt and summary.json."""
+    """What train.py left before adapters.safetensors (a checkpoint.pt holding the adapters and a flat
+    config; it must still load), a base directory (weights + tokenizer), a mixture and summary.json."""
     tmp = tmp_path_factory.mktemp("eval")
     base, mix, run = tmp / "base", tmp / "mix", tmp / "run"
     for d in (base, mix, run):
@@ -229,7 +230,7 @@ def run_dir(tmp_path_factory, sp_tokenizer, builtin_mixture):
     return run, model
 
 
-def test_load_checkpoint_rebuilds_the_adapted_model(run_dir, tmp_path):
+def test_load_run_rebuilds_the_adapted_model_from_an_older_checkpoint(run_dir, tmp_path):
     run, trained = run_dir
     model, tok, config = common.load_run(run)
     assert config["method"] == "teamlora" and not model.training
@@ -257,9 +258,11 @@ def test_main_one_process_then_two_gloo_ranks_agree(run_dir, capsys):
     assert one["routing"]["copy"]["tokens"] > 0
     assert "routing" in printed and "average" in printed
     assert "routing.png" in printed  # written, or said to be skipped without matplotlib
-    # The same under torchrun: each rank scores half, counts are all_reduced, rank 0 writes.
+    # The same under torchrun: each rank scores half, counts are all_reduced, rank 0 writes; with
+    # CUDA's placement rules checked (tests/placement.py): every collective gets device tensors.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/placement.py", "eval.py",
            "--ckpt", str(run), "--limit", "4", "--batch-size", "8", "--max-new-tokens", "4"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -313,3 +316,32 @@ def test_routing_heatmap(tmp_path):
     pytest.importorskip("matplotlib")
     ev.save_heatmap({"nli": {"mean": [0.7, 0.3]}, "spam": {"mean": [0.4, 0.6]}}, tmp_path / "routing.png")
     assert (tmp_path / "routing.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_compare_averages_only_runs_that_differ_in_the_seed(tmp_path):
+    """Any flag that changes training (balance, dropout, seq_len, batch size, temperature...) makes
+    another setup; the seed and flags that only say how a run ran (out, eval limit...) do not."""
+    config = {"method": "teamlora", "rank": 8, "experts": 4, "router": None, "balance": 0.0, "dropout": 0.05,
+              "seq_len": 256, "batch_size": 8, "temperature": 1.0, "seed": 0, "out": "a", "eval_limit": 100}
+    runs = {"base-s0": {}, "base-s1": {"seed": 1, "out": "b", "eval_limit": 50, "save_every": 7},
+            "balance": {"balance": 0.1}, "dropout": {"dropout": 0.0}, "seq": {"seq_len": 128},
+            "batch": {"batch_size": 4}, "temperature": {"temperature": 2.0}}
+    for i, (name, change) in enumerate(runs.items()):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(
+            {"config": {**config, **change}, "trainable_pct": 1.0, "train_time_s": 10.0, "tokens_per_s": 100.0}))
+        (d / "eval.json").write_text(json.dumps({"average": 0.5 + i / 100, "tasks": {"spam": {"n": 1, "accuracy": 0.5}},
+                                                 "majority": {"average": 0.5, "tasks": {"spam": 0.5}}}))
+    lines = ev.compare([tmp_path / name for name in runs]).splitlines()
+    assert len(lines) == 1 + 6 + 1 + 1  # header, 6 setups, majority, footnote
+    assert "(+1 seeds)" in lines[1] and sum("seeds" in line for line in lines[2:-1]) == 0
+
+
+@pytest.mark.parametrize("argv", [["--ckpt", "nowhere"], ["--compare", "nowhere"], ["--ckpt"]])
+def test_eval_user_errors_are_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.cli(ev.main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err.strip().splitlines()[-1], err  # argparse: usage, then error
