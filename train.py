@@ -130,8 +130,8 @@ def build(args, device):
     common.barrier()
     base = common.base_dir(args.base)
     tok = load_tokenizer(base)
-    bf16 = device.type == "cuda" and args.dtype != "float32"
-    model = Transformer.from_pretrained(base, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
+    dtype = torch.bfloat16 if use_bf16(args, device) and device.type == "cuda" else torch.float32  # CPUs: float32
+    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
     model.gradient_checkpointing = args.grad_checkpoint
     adapter = None
     if args.method == "full":
@@ -148,6 +148,11 @@ def build(args, device):
         if routers:
             adapter["router"] = routers.pop()  # the router as used, whoever chose it
     return base.resolve(), tok, model, adapter, train, test
+
+
+def use_bf16(args, device):
+    """bfloat16 autocast: asked for, or by default on GPUs (whose base weights are then bfloat16 too)."""
+    return args.dtype == "bfloat16" or (args.dtype is None and device.type == "cuda")
 
 
 def make_optimizer(model, args, steps, device):
@@ -289,7 +294,7 @@ def train(args, rank, world, device):
     log = None
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        print_config(args, world, steps, report, ds, len(train_set), len(test_set))
+        print_config(args, world, steps, report, ds.tasks, len(train_set), len(test_set))
         log = open_log(out, progress["step"])
     raw = model  # checkpoints and evaluation use the unwrapped, uncompiled module
     if args.compile:
@@ -302,8 +307,7 @@ def train(args, rank, world, device):
         torch.set_rng_state(resume["rng"][rank]["cpu"])
         if device.type == "cuda" and "cuda" in resume["rng"][rank]:
             torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
-    bf16 = args.dtype == "bfloat16" or (args.dtype is None and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(args, device) else nullcontext()
     stream = batches(ds, sampler, tok, args.batch_size, progress["step"] * per_step, device)
     if progress["step"] >= steps and master:
         print(f"{out} finished its {steps} steps already; nothing to train")
@@ -347,11 +351,12 @@ def train(args, rank, world, device):
         final_eval(raw, tok, test_set, args, report, progress)
 
 
-def print_config(args, world, steps, report, ds, n_train, n_test):
+def print_config(args, world, steps, report, tasks, n_train, n_test):
+    """The resolved flags, the global batch and the parameter counts, once (rank 0)."""
     print(f"config: {json.dumps(vars(args))}")
     print(f"global batch: {world} processes x {args.batch_size} examples x {args.grad_accum} micro-steps = "
           f"{world * args.batch_size * args.grad_accum} examples per step; {steps} steps; "
-          f"{n_train} train / {n_test} test examples, tasks {ds.tasks}")
+          f"{n_train} train / {n_test} test examples, tasks {tasks}")
     print(f"{args.method}: {report['trainable']:,} trainable of {report['base']:,} base parameters "
           f"({report['trainable_pct']:.3f}%; router {report['router']:,})")
 
