@@ -3,6 +3,7 @@
     python bench.py --layer                      # one adapted FFN linear layer: forward + backward
     python bench.py                              # a whole LLaMA: train step, prefill, decode, memory
     python bench.py --experts 4 --repeats 3 --json out/bench.json
+    python bench.py --shape smollm2 --experts 4 --batch 8 --seq 128   # SmolLM2-135M's shape, random weights
     python -m pytest -q tests/test_bench.py
 
 A shared machine drifts, so no method is timed in a block of its own: every round runs each
@@ -14,15 +15,24 @@ way TeamLoRA is (the A_i stacked, the expert weights applied in the rank space; 
 is `teamlora` with the softmax router): it separates what the fused form buys from what TeamLoRA's
 structure buys.
 
+teamlora.py's MoELoRA and HydraLoRA draw one dropout mask per layer and HydraLoRA computes
+A drop(x) once for all its heads. The published implementations do more: MoELoRA draws a mask
+per expert, HydraLoRA recomputes A drop(x), with a mask of its own, inside its loop over heads
+(k masks, k A-products). The rows marked "(published)" time that (bench-only classes below); the
+xMoE reference stays teamlora.py's cheaper MoELoRA.
+
 Defaults: on CPU, float32, the layer 1024 -> 2752 over 16 x 128 tokens, and the project's tiny
-LLaMA shape (dim 256, 4 layers, 4 heads, FFN 688, vocab 4096, untied) at batch 16 x 128. On a GPU,
+LLaMA shape (dim 256, 4 layers, 4 heads, FFN 688, vocab 4096, untied) at batch 16 x 128.
+`--shape smollm2` is SmolLM2-135M instead (dim 576, 30 layers, 9 query / 3 kv heads, FFN 1536,
+vocab 49,152, tied embeddings; the layer 576 -> 1536); flags given explicitly still win. On a GPU,
 bf16 base weights under autocast (adapters stay float32), LLaMA-7B layer shapes (dim 4096, FFN 11008,
 32 heads, vocab 32000) but only 4 layers, 8 x 1024 tokens for the layer, batch 4 x 1024 for the
 model. Weights are random: speed does not depend on their values. Adapters go on the FFN (w1 w2 w3).
 
 What is timed. Layer: forward and backward of one adapted linear layer whose input requires grad,
 so backward computes dX as it would inside a network (the "frozen base" row does only that: the
-floor). Model: a train step (forward, cross-entropy, backward, AdamW on the adapters), a prefill of
+floor). Model: a train step (forward, full-vocabulary cross-entropy, backward, AdamW on the
+adapters, dropout --dropout as in train.py), a prefill of
 the batch, and a decoding step with the KV cache (one new token for every sequence of the batch,
 greedy, a fixed --new-tokens steps after an untimed prefill; "decode ms/tok" is ms per step).
 
@@ -59,6 +69,7 @@ DEFAULTS = {  # (mode, on a GPU) -> defaults of the flags left unset
 }
 PAPER_TRAIN = {2: 0.87, 4: 0.70, 8: 0.63}  # TeamLoRA's training time / MoELoRA's, the paper's 7B runs
 TARGETS = {"xLoRA": 1.10, "xMoE": 0.60}  # the layer mode's goals for TeamLoRA's forward + backward
+SHAPES = {"smollm2": dict(dim=576, hidden=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True)}
 
 
 @dataclass(frozen=True)
@@ -74,15 +85,44 @@ class Spec:
 def group(k, r, floor=False):
     """The rows compared at k experts of rank r; the first two are the references (xMoE, xLoRA)."""
     rows = [Spec(f"MoELoRA k{k} r{r}", "moelora", r, k), Spec(f"LoRA r{k * r}", "lora", k * r),
-            Spec(f"LoRA r{r}", "lora", r), Spec(f"MoELoRA k{k} r{r} fused*", "teamlora", r, k, "softmax"),
-            Spec(f"HydraLoRA k{k} r{r}", "hydralora", r, k), Spec(f"TeamLoRA k{k} r{r}", "teamlora", r, k)]
+            Spec(f"LoRA r{r}", "lora", r), Spec(f"MoELoRA k{k} r{r} (published)", "moelora-published", r, k),
+            Spec(f"MoELoRA k{k} r{r} fused*", "teamlora", r, k, "softmax"),
+            Spec(f"HydraLoRA k{k} r{r}", "hydralora", r, k),
+            Spec(f"HydraLoRA k{k} r{r} (published)", "hydralora-published", r, k),
+            Spec(f"TeamLoRA k{k} r{r}", "teamlora", r, k)]
     return rows + [Spec("frozen base", None)] * floor
 
 
-def adapt(module, spec):
+class PublishedMoELoRA(teamlora.MoELoRALinear):
+    """MoELoRA as its published code computes it: every expert draws its own dropout mask."""
+
+    def delta(self, x):
+        g = (self.route(x) * self.scale).to(x.dtype)  # (..., k)
+        return sum(g[..., i : i + 1] * F.linear(F.linear(self.dropout(x), self.lora_A[i]), self.lora_B[i])
+                   for i in range(self.k))
+
+
+class PublishedHydraLoRA(teamlora.HydraLoRALinear):
+    """HydraLoRA as its published code computes it: A drop(x) again for every head, a mask each."""
+
+    def delta(self, x):
+        g = (self.route(x) * self.scale).to(x.dtype)  # (..., k)
+        return sum(g[..., i : i + 1] * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B[i])
+                   for i in range(self.k))
+
+
+PUBLISHED = {"moelora-published": ("moelora", PublishedMoELoRA), "hydralora-published": ("hydralora", PublishedHydraLoRA)}
+
+
+def adapt(module, spec, dropout):
     if spec.method is None:
         return module.requires_grad_(False)
-    return teamlora.add_adapters(module, spec.method, spec.rank, spec.experts, dropout=0.0, router=spec.router)
+    method, published = PUBLISHED.get(spec.method, (spec.method, None))
+    teamlora.add_adapters(module, method, spec.rank, spec.experts, dropout=dropout, router=spec.router)
+    if published:  # same parameters, the published computation
+        for _, layer in teamlora.adapter_layers(module):
+            layer.__class__ = published
+    return module
 
 
 def autocast(device, dtype):
@@ -125,7 +165,7 @@ def bench_layer(args, device, dtype, specs):
         torch.manual_seed(0)
         holder = nn.Module()
         holder.w1 = nn.Linear(args.dim, args.hidden, bias=False, device=device, dtype=dtype)  # a default target name
-        layer = adapt(holder, spec).w1
+        layer = adapt(holder, spec, args.dropout).w1
         # the input needs grad, as every hidden state past the first adapter does: backward computes dX too
         x = torch.randn(tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(tokens, args.hidden, device=device, dtype=dtype)
@@ -145,6 +185,7 @@ def bench_layer(args, device, dtype, specs):
 def decode_ms(model, prompt, new_tokens, device, dtype):
     """ms per new token of greedy decoding with the KV cache: a fixed count, the prompt's prefill untimed."""
     B, P = prompt.shape
+    model.eval()  # no dropout
     with torch.inference_mode(), autocast(device, dtype):
         model.setup_cache(B, P + new_tokens)
         first = model(prompt)[:, -1:].argmax(-1)  # (B, 1)
@@ -186,8 +227,9 @@ def train_memory_mib(model, step, device):
 
 def bench_model(args, device, dtype, specs):
     """A LLaMA with adapters on its FFN: train step, prefill, per-token decode, training memory."""
-    margs = ModelArgs(dim=args.dim, n_layers=args.layers, n_heads=args.heads, vocab_size=args.vocab,
-                      hidden_dim=args.hidden, max_seq_len=args.seq + args.new_tokens)
+    margs = ModelArgs(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                      vocab_size=args.vocab, hidden_dim=args.hidden, max_seq_len=args.seq + args.new_tokens,
+                      tie_embeddings=args.tied)
     torch.manual_seed(0)
     with torch.device(device):
         base = Transformer(margs).to(dtype).requires_grad_(False)
@@ -195,19 +237,20 @@ def bench_model(args, device, dtype, specs):
     models, train, prefill, decode = {}, {}, {}, {}
     for spec in specs:
         # a fresh module tree holding the same frozen tensors (the memo maps each to itself)
-        model = adapt(copy.deepcopy(base, memo={id(p): p for p in base.parameters()}), spec)
+        model = adapt(copy.deepcopy(base, memo={id(p): p for p in base.parameters()}), spec, args.dropout)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def train_step(model=model, opt=opt):
+            model.train()
             with autocast(device, dtype):
-                logits = model(tokens[:, :-1])  # (B, T, vocab), float32
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                loss = model(tokens[:, :-1], tokens[:, 1:])  # the loss at every position
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         @torch.inference_mode()
         def prefill_step(model=model):
+            model.eval()
             with autocast(device, dtype):
                 model(tokens[:, :-1])
 
@@ -269,26 +312,32 @@ def summarize(args, rows, groups, metrics, names):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layer", action="store_true", help="benchmark one adapted linear layer, not a model")
+    p.add_argument("--shape", choices=["default", *SHAPES], default="default",
+                   help="smollm2: SmolLM2-135M's dimensions (random weights) instead of the defaults below")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--dim", type=int, help="model dim; the layer's d_in in --layer mode")
     p.add_argument("--hidden", type=int, help="FFN hidden size; the layer's d_out in --layer mode")
     p.add_argument("--layers", type=int)
     p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention; default: --heads)")
     p.add_argument("--vocab", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int, help="tokens per sequence (the prompt length when decoding)")
     p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per timing")
     p.add_argument("--rank", type=int, default=8, help="rank per expert r")
+    p.add_argument("--dropout", type=float, default=0.05, help="adapter dropout while training (train.py's default)")
     p.add_argument("--experts", help="comma-separated k values (default: 4 for --layer, 2,4,8 otherwise)")
     p.add_argument("--repeats", type=int, help="timed rounds; the tables show medians")
     p.add_argument("--json", help="write every number (samples included) to this path")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mode = "layer" if args.layer else "model"
-    for key, value in DEFAULTS[mode, device.type == "cuda"].items():
-        if getattr(args, key) is None:
+    for key, value in {**DEFAULTS[mode, device.type == "cuda"], **SHAPES.get(args.shape, {})}.items():
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.kv_heads = args.kv_heads or args.heads
+    args.tied = getattr(args, "tied", False)  # set by a shape only
     args.warmup = 2 if device.type == "cuda" else 1
     dtype = getattr(torch, args.dtype)
     groups = {int(k): group(int(k), args.rank, floor=args.layer) for k in args.experts.split(",")}
@@ -296,8 +345,9 @@ def main(argv=None):
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     shape = (f"layer {args.dim} -> {args.hidden}, {args.batch * args.seq} tokens" if args.layer else
-             f"LLaMA dim {args.dim}, {args.layers} layers, {args.heads} heads, FFN {args.hidden}, vocab "
-             f"{args.vocab}; batch {args.batch} x {args.seq}, decode {args.new_tokens} tokens")
+             f"LLaMA dim {args.dim}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv), FFN "
+             f"{args.hidden}, vocab {args.vocab}{' tied' * args.tied}; batch {args.batch} x {args.seq}, decode "
+             f"{args.new_tokens} tokens")
     print(f"{mode} mode on {where}, {args.dtype}; {shape}; median of {args.repeats} interleaved rounds")
     if args.layer:
         metrics, names = ["fwd_bwd_ms"], {"fwd_bwd_ms": "fwd+bwd ms"}
@@ -308,7 +358,9 @@ def main(argv=None):
                  "train_memory_mib": "train MiB" + ("" if device.type == "cuda" else " (cnt)")}
         rows = bench_model(args, device, dtype, specs)
     table, targets = summarize(args, rows, groups, metrics, names)
-    print("\n* MoELoRA fused: the same dense MoELoRA computed in TeamLoRA's fused form (teamlora + softmax router).")
+    print("\n* MoELoRA fused: the same dense MoELoRA computed in TeamLoRA's fused form (teamlora + softmax router)."
+          "\n(published): as the published code computes it: a dropout mask per expert (MoELoRA); A drop(x) with its "
+          "own mask for every head (HydraLoRA).")
     if not args.layer and device.type != "cuda":
         print("(cnt) CPU memory is counted, not measured: parameters, gradients, AdamW state, tensors saved for backward.")
     result = {"mode": mode, "device": where, "torch": torch.__version__,

@@ -9,7 +9,7 @@ temperature-based task sampling, and the tokenizer and text for pretraining a ti
     for i in range(0, len(order), batch_size):
         batch = data.collate([ds[j] for j in order[i:i + batch_size]], tok.pad_id)
 
-`python data.py [mixture]` checks a mixture and prints its tasks and label counts.
+`python data.py [MIXTURE]` checks a mixture and prints its tasks and label counts.
 
 The format: JSON Lines, one example per line (blank lines are skipped),
 
@@ -20,12 +20,19 @@ The format: JSON Lines, one example per line (blank lines are skipped),
 task, instruction, input and output are strings (task and output not empty; input may be
 empty). choices is optional: a list of two or more distinct strings that contains output; it
 makes the example scorable by likelihood (each choice's answer tokens are scored, the best
-wins). Within a task either every example has choices or none has. Any other key is an error,
-so a misspelt "ouput" cannot silently drop data.
+wins). A task with choices is a classification over one set of labels: every example of the
+task, in train and in test, has the same choices (in any order), and a task has choices on
+all of its examples or on none. For multiple-choice questions put each question's options in
+the input and make the choices their labels ("A", "B", ...). Any other key is an error, so a
+misspelt "ouput" cannot silently drop data.
 
 A mixture is either a directory holding train.jsonl and test.jsonl (either may be gzipped,
 train.jsonl.gz), or a single .jsonl (.jsonl.gz) file: all of it is training data and the test
-split is empty. Every task in test must have training examples. Errors name the file and line.
+split is empty. Every task in test must have training examples. Every problem is reported at
+once, in one DataError, a line each naming the file and line (the first 20, then how many more):
+
+    my_mix/train.jsonl:3: missing field 'output'
+    my_mix/test.jsonl:41: task 'spam' has choices ['spam', 'junk'], but my_mix/train.jsonl:1 has ['spam', 'ham']
 
 The prompt (prompt_text) is fixed; the Input block is left out when input is empty:
 
@@ -38,32 +45,42 @@ The prompt (prompt_text) is fixed; the Input block is left out when input is emp
     ### Response:
     {output}</s>
 
+The model sees this text verbatim: decoding an example's tokens gives prompt_text(ex) + output.
 The loss covers the answer tokens and the end-of-sequence token only.
 """
+import argparse
+import functools
 import gzip
 import io
 import json
 import os
 import random
 import re
-import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import sentencepiece as spm
-import torch
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
+import torch  # noqa: E402
 
 BUILTIN = Path(__file__).parent / "data" / "minicme"
 CORPUS = Path(__file__).parent / "data" / "austen.txt.gz"
 IGNORE = -100  # target value that F.cross_entropy(ignore_index=-100) skips
 
 FIELDS = ("task", "instruction", "input", "output")
+MAX_REPORTED = 20  # problems listed in one DataError; the rest are counted
 
 
 class DataError(ValueError):
     """A mixture that cannot be used: bad JSON, a missing field, a wrong path (a user's mistake, not a bug)."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A mixture file or directory that is not there."""
 
 
 @dataclass
@@ -76,97 +93,188 @@ class Example:
     where: str = ""  # "path:line", for error messages
 
 
+class _Problems:
+    """Problems found so far, raised together as one DataError with one line each."""
+
+    def __init__(self):
+        self.lines, self.count = [], 0
+
+    def add(self, line: str):
+        self.count += 1
+        if len(self.lines) < MAX_REPORTED:
+            self.lines.append(line)
+
+    def check(self):
+        if self.count:
+            more = self.count - len(self.lines)
+            raise DataError("\n".join(self.lines + [f"... and {more} more"] * (more > 0)))
+
+
 # ----------------------------------------------------------------------------- reading
 
 def _example(obj, where: str) -> Example:
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in obj:
         if key not in FIELDS + ("choices",):
-            raise ValueError(f"{where}: unknown key {key!r} (allowed: {', '.join(FIELDS)}, choices)")
+            raise DataError(f"{where}: unknown key {key!r} (allowed: {', '.join(FIELDS)}, choices)")
     for key in FIELDS:
         if key not in obj:
-            raise ValueError(f"{where}: missing field {key!r}")
+            raise DataError(f"{where}: missing field {key!r}")
         if not isinstance(obj[key], str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
     for key in ("task", "output"):
         if not obj[key].strip():
-            raise ValueError(f"{where}: field {key!r} is empty")
+            raise DataError(f"{where}: field {key!r} is empty")
     choices = obj.get("choices")
     if choices is not None:
         if not (isinstance(choices, list) and len(choices) >= 2
                 and all(isinstance(c, str) and c.strip() for c in choices)):
-            raise ValueError(f"{where}: 'choices' must be a list of two or more non-empty strings")
+            raise DataError(f"{where}: 'choices' must be a list of two or more non-empty strings")
         if len(set(choices)) < len(choices):
-            raise ValueError(f"{where}: 'choices' has duplicates: {choices}")
+            raise DataError(f"{where}: 'choices' has duplicates: {choices}")
         if obj["output"] not in choices:
-            raise ValueError(f"{where}: output {obj['output']!r} is not one of its choices {choices}")
+            raise DataError(f"{where}: output {obj['output']!r} is not one of its choices {choices}")
     return Example(**obj, where=where)
 
 
+def _read(path: Path, problems: _Problems) -> tuple[list[Example], set[str]]:
+    """The good examples of one file, and every task named on any of its lines (good or not);
+    each bad line is added to problems."""
+    examples, tasks, before = [], set(), problems.count
+    try:
+        # Bytes, not text: a bad UTF-8 sequence is then reported on its own line like bad JSON.
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    obj = json.loads(raw.rstrip(b"\r\n"))
+                except json.JSONDecodeError as e:
+                    problems.add(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                    continue
+                except UnicodeDecodeError as e:
+                    problems.add(f"{where}: invalid JSON, not UTF-8 ({e})")
+                    continue
+                if isinstance(obj, dict) and isinstance(obj.get("task"), str):
+                    tasks.add(obj["task"])
+                try:
+                    examples.append(_example(obj, where))
+                except DataError as e:
+                    problems.add(str(e))
+    except (OSError, EOFError) as e:  # unreadable, not gzip, a gzip cut short
+        problems.add(f"{path}: cannot read it ({e})")
+    if not examples and problems.count == before:
+        problems.add(f"{path}: no examples (the file is empty)")
+    return examples, tasks
+
+
 def read_jsonl(path) -> list[Example]:
-    """Read and check one .jsonl or .jsonl.gz file."""
-    path = Path(path)
-    examples = []
-    # Bytes, not text: a bad UTF-8 sequence is then reported on its own line like bad JSON.
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            examples.append(_example(obj, where))
-    if not examples:
-        raise ValueError(f"{path}: no examples (the file is empty)")
+    """Read and check one .jsonl or .jsonl.gz file; all its bad lines are reported in one DataError."""
+    problems = _Problems()
+    examples, _ = _read(Path(path), problems)
+    problems.check()
     return examples
 
 
 def _split_file(folder: Path, split: str) -> Path:
     found = [p for p in (folder / f"{split}.jsonl", folder / f"{split}.jsonl.gz") if p.exists()]
     if not found:
-        raise FileNotFoundError(f"{folder}: no {split}.jsonl (or {split}.jsonl.gz); a mixture "
-                                f"directory holds train.jsonl and test.jsonl")
+        raise MissingDataError(f"{folder}: no {split}.jsonl (or {split}.jsonl.gz); a mixture "
+                               f"directory holds train.jsonl and test.jsonl")
     if len(found) > 1:
-        raise ValueError(f"{folder}: both {split}.jsonl and {split}.jsonl.gz exist; keep one")
+        raise DataError(f"{folder}: both {split}.jsonl and {split}.jsonl.gz exist; keep one")
     return found[0]
 
 
 def load_mixture(path=None) -> tuple[list[Example], list[Example]]:
-    """(train, test) from a mixture directory or a single .jsonl file; None: the built-in one."""
+    """(train, test) from a mixture directory or a single .jsonl file; None: the built-in one.
+    Every problem found, in both files, is reported in one DataError."""
     path = BUILTIN if path is None else Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise MissingDataError(f"{path}: no such file or directory")
+    problems = _Problems()
     if path.is_dir():
-        train, test = read_jsonl(_split_file(path, "train")), read_jsonl(_split_file(path, "test"))
+        files = _split_file(path, "train"), _split_file(path, "test")
+        (train, named), (test, _) = (_read(f, problems) for f in files)
     else:
-        train, test = read_jsonl(path), []
-    trained = {ex.task for ex in train}
-    first = {}  # task -> its first example, which decides whether the task has choices
+        (train, named), test = _read(path, problems), []
+    first = {}  # task -> its first good training example, whose choices the task's examples share
+    for ex in train:
+        first.setdefault(ex.task, ex)
     for ex in train + test:
-        if ex.task not in trained:
-            raise ValueError(f"{ex.where}: task {ex.task!r} has no training examples")
-        seen = first.setdefault(ex.task, ex)
-        if (ex.choices is None) != (seen.choices is None):
-            raise ValueError(f"{ex.where}: task {ex.task!r} mixes examples with and without "
-                             f"'choices' (compare {seen.where})")
+        ref = first.get(ex.task)
+        if ref is None:
+            if ex.task not in named:  # named on a bad training line: that line is reported already
+                problems.add(f"{ex.where}: task {ex.task!r} has no training examples")
+        elif (ex.choices is None) != (ref.choices is None):
+            problems.add(f"{ex.where}: task {ex.task!r} mixes examples with and without 'choices' "
+                         f"(compare {ref.where})")
+        elif ex.choices is not None and set(ex.choices) != set(ref.choices):
+            problems.add(f"{ex.where}: task {ex.task!r} has choices {ex.choices}, but {ref.where} "
+                         f"has {ref.choices}")
+    problems.check()
     return train, test
 
 
 # ----------------------------------------------------------------------------- prompts and loss masks
 
+RESPONSE = "\n\n### Response:\n"  # how every prompt ends
+
+
 def _prompt_parts(ex: Example) -> tuple[str, str, str]:
     """The prompt as (before the input, the input, after it), so the input alone can be shortened."""
     if not ex.input:
-        return f"### Instruction:\n{ex.instruction}\n\n### Response:\n", "", ""
-    return f"### Instruction:\n{ex.instruction}\n\n### Input:\n", ex.input, "\n\n### Response:\n"
+        return f"### Instruction:\n{ex.instruction}", "", RESPONSE
+    return f"### Instruction:\n{ex.instruction}\n\n### Input:\n", ex.input, RESPONSE
 
 
 def prompt_text(ex: Example) -> str:
     """The fixed prompt; the answer that follows it is output + EOS."""
     return "".join(_prompt_parts(ex))
+
+
+# Why the prompt is encoded in one piece: a SentencePiece tokenizer with a dummy prefix (LLaMA-2's
+# tokenizer.model, the tiny base's) encodes "▁" + text, so parts encoded one by one would each start
+# with a space the template lacks ("Input:\n Premise"). The answer's ids are those that follow
+# RESPONSE in encode(RESPONSE + answer) ("neutral" after a newline: no "▁"), so the answer starts on
+# a token boundary, and prompt + answer get the ids of their one-piece encoding wherever no token
+# spans the newline before the answer (SentencePiece splits a newline from a letter, another Unicode
+# script; byte-level BPE splits whitespace from words). Where one would (an answer starting with a
+# newline, a vocabulary with "\n(") the answer is encoded after "0" instead, a digit being a token alone.
+
+@functools.lru_cache(maxsize=1 << 16)  # a task's few labels are encoded once, not once per example
+def _answer_ids(tok, answer: str) -> Optional[tuple[int, ...]]:
+    """The answer's ids as they follow the prompt; None if no context leaves it a token boundary."""
+    for context in (RESPONSE, "0"):
+        before = tok.encode(context, bos=False, eos=False)
+        ids = tok.encode(context + answer, bos=False, eos=False)
+        if ids[:len(before)] == before:
+            return tuple(ids[len(before):])
+    return None
+
+
+def _prompt_ids(tok, ex: Example, room: int) -> tuple[list[int], bool]:
+    """The prompt's ids, shortened to room if it can be by cutting the end of its input; and
+    whether it was. The shortened prompt is the template with the input cut after one of its
+    tokens, encoded in one piece; the longest such cut that fits is kept."""
+    head, body, tail = _prompt_parts(ex)
+    ids = tok.encode(head + body + tail, bos=False, eos=False)
+    if len(ids) <= room:
+        return ids, False
+    body_ids = tok.encode(body, bos=False, eos=False)
+
+    def cut(m):  # the prompt with the input's first m tokens, fewer where m would split a character
+        while m and not body.startswith(kept := tok.decode(body_ids[:m])):
+            m -= 1
+        return tok.encode(head + (kept if m else "") + tail, bos=False, eos=False)
+
+    lo, hi = 0, len(body_ids)  # cut(hi) does not fit; cut(lo), once lo > 0, does
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(cut(mid)) <= room else (lo, mid)
+    return cut(lo), True
 
 
 def encode_example(tok, ex: Example, seq_len: int,
@@ -176,20 +284,23 @@ def encode_example(tok, ex: Example, seq_len: int,
     ids = bos + prompt + answer + eos; input_ids = ids[:-1], targets = ids[1:] with IGNORE
     wherever the target is still prompt, so only the answer and EOS are learned. An example
     longer than seq_len loses tokens from the end of its input, never instruction or answer.
+    The prompt leaves room for the longest of the example's choices, so training and every
+    choice scored in evaluation see the same prompt ids.
     """
-    # The parts are encoded separately so the answer starts on a token boundary. With a
-    # SentencePiece dummy prefix each part starts with "▁": the answer is then tokenized like
-    # the word in running text ("▁neutral"), the token that pretraining has taught.
-    head, body, tail = (tok.encode(s, bos=False, eos=False) for s in _prompt_parts(ex))
-    ans = tok.encode(ex.output if answer is None else answer, bos=False, eos=False)
-    fixed = 1 + len(head) + len(tail) + len(ans) + 1
-    room = seq_len + 1 - fixed  # ids may hold seq_len + 1 tokens: inputs and targets are its shifts
-    if room < 0:
-        raise ValueError(f"{ex.where or 'example'}: {fixed - 1} tokens even with the input removed "
-                         f"(answer {len(ans)}), more than seq_len {seq_len}")
-    truncated = len(body) > room
-    prompt = [tok.bos_id] + head + body[:room] + tail
-    ids = prompt + ans + [tok.eos_id]
+    answer = ex.output if answer is None else answer
+    answers = {a: _answer_ids(tok, a) for a in [answer, *(ex.choices or [])]}
+    for a, ids in answers.items():
+        if ids is None:
+            raise DataError(f"{ex.where or 'example'}: the answer {a!r} merges with the prompt's last "
+                            f"token under this tokenizer; it cannot start on a token boundary")
+    longest = max(map(len, answers.values()))
+    room = seq_len - 1 - longest  # ids hold seq_len + 1 tokens (inputs and targets are its shifts): bos, eos
+    prompt, truncated = _prompt_ids(tok, ex, room)
+    if len(prompt) > room:
+        raise DataError(f"{ex.where or 'example'}: {len(prompt) + longest + 1} tokens even with the input "
+                        f"removed (answer {longest}), more than seq_len {seq_len}")
+    prompt = [tok.bos_id] + prompt
+    ids = prompt + list(answers[answer]) + [tok.eos_id]
     targets = [IGNORE] * (len(prompt) - 1) + ids[len(prompt):]
     return ids[:-1], targets, truncated
 
@@ -198,7 +309,8 @@ class TaskDataset:
     """Encoded examples with task ids; item i is (input_ids, targets, task_id).
 
     tasks: the names that task ids index, sorted; pass the training set's list to a test set
-    so that both number the tasks alike.
+    so that both number the tasks alike. Examples that cannot be used (too long for seq_len,
+    an unknown task) are reported together in one DataError.
     """
 
     def __init__(self, examples: list[Example], tok, seq_len: int, tasks: Optional[list[str]] = None,
@@ -207,13 +319,20 @@ class TaskDataset:
         self.tasks = sorted({ex.task for ex in examples}) if tasks is None else list(tasks)
         index = {t: i for i, t in enumerate(self.tasks)}
         self.items, self.task_of, self.n_truncated = [], [], 0
+        problems = _Problems()
         for ex in examples:
             if ex.task not in index:
-                raise ValueError(f"{ex.where or 'example'}: task {ex.task!r} is not one of {self.tasks}")
-            x, y, truncated = encode_example(tok, ex, seq_len)
+                problems.add(f"{ex.where or 'example'}: task {ex.task!r} is not one of {self.tasks}")
+                continue
+            try:
+                x, y, truncated = encode_example(tok, ex, seq_len)
+            except DataError as e:
+                problems.add(str(e))
+                continue
             self.items.append((x, y))
             self.task_of.append(index[ex.task])
             self.n_truncated += truncated
+        problems.check()
         if self.n_truncated and verbose:
             print(f"truncated {self.n_truncated} of {len(examples)} examples "
                   f"(input shortened to fit seq_len {seq_len})")
@@ -410,8 +529,18 @@ def tiny_base(steps: int = 700, device="cpu") -> Path:
     return TINY_BASE
 
 
-if __name__ == "__main__":
-    train, test = load_mixture(sys.argv[1] if len(sys.argv) > 1 else None)
+# ----------------------------------------------------------------------------- checking a mixture
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Check a task mixture (every bad line is reported) and print its tasks and label counts.",
+        epilog='one example per line: {"task": ..., "instruction": ..., "input": ..., "output": ..., '
+               '"choices": [...]} (choices optional); the full format is in data.py\'s docstring')
+    p.add_argument("mixture", nargs="?", default=None,
+                   help="a mixture directory (train.jsonl, test.jsonl) or one .jsonl file "
+                        "(default: the built-in mixture, data/minicme)")
+    args = p.parse_args(argv)
+    train, test = load_mixture(args.mixture)
     print(f"{len(train)} train / {len(test)} test examples")
     for task in sorted({ex.task for ex in train}):
         for name, split in (("train", train), ("test", test)):
@@ -420,3 +549,9 @@ if __name__ == "__main__":
                 top = ", ".join(f"{k} {v}" for k, v in labels.most_common(4))
                 more = f" (+{len(labels) - 4} more outputs)" if len(labels) > 4 else ""
                 print(f"{task:>12} {name:>5} {sum(labels.values()):6d}: {top}{more}")
+
+
+if __name__ == "__main__":
+    import data  # the imported module, not __main__: its DataError is the one common.cli catches
+    from common import cli
+    cli(data.main)

@@ -100,16 +100,87 @@ def _batches(items, batch_size, desc):
 
 
 def _forward(model, items, tok):
-    """Logits (B, T, V) and targets (B, T) of (input_ids, targets) pairs, right-padded: under causal
-    attention a pad never reaches an earlier position, so real tokens see what they would alone."""
-    batch = collate([(x, y, 0) for x, y in items], tok.pad_id)
-    device = _device(model)
-    return model(batch["tokens"].to(device)), batch["targets"].to(device)
+    """Per-position losses (B, T) of (input_ids, targets) pairs, right-padded (under causal attention
+    a pad never reaches an earlier position, so real tokens see what they would alone), and the
+    padded batch. The output layer runs only at the target positions."""
+    batch = {k: v.to(_device(model)) for k, v in collate([(x, y, 0) for x, y in items], tok.pad_id).items()}
+    return model(batch["tokens"], batch["targets"], reduction="none"), batch
+
+
+def _shared_prompt(tok, ex, seq_len):
+    """(prompt ids, [answer ids + EOS for each choice]): one prompt for every choice, truncated to
+    leave room for the longest, so that no choice is scored against a shorter input than another."""
+    encoded = [encode_example(tok, ex, seq_len, answer=c)[:2] for c in ex.choices]
+    # targets are IGNORE over the prompt but its last token, whose target is the answer's first
+    prompts = [x[:y.count(IGNORE) + 1] for x, y in encoded]
+    return min(prompts, key=len), [y[y.count(IGNORE):] for _, y in encoded]
+
+
+def _routing_sums(model, layers, mask):
+    """(layers, k + 2) float64 of the last forward over the tokens in mask: per layer the k share
+    sums, the routing-entropy sum and the token count (what routing_by_task accumulates)."""
+    stats = teamlora.routing_stats(model, mask)
+    return torch.stack([torch.cat([stats[n]["weight_sum"].double(),
+                                   torch.tensor([stats[n]["entropy_sum"], stats[n]["tokens"]], dtype=torch.float64)])
+                        for n in layers])
 
 
 @torch.no_grad()
-def score_choices(model, tok, examples, seq_len, batch_size=32):
-    """Index of the most likely choice of each example; batch_size counts (example, choice) sequences.
+def choice_scores(model, tok, examples, seq_len, batch_size=32, routing=None):
+    """Per example, each choice's score: the summed log-probability of its answer tokens and EOS.
+
+    Each prompt runs once: all but its last token fill the KV cache, then every choice is one row
+    continuing from it, [last prompt token] + answer with targets answer + EOS. Examples of one
+    task whose prompts have one length share a prefill, up to batch_size choice rows. routing: a
+    dict to fill with {task: _routing_sums over each example's prompt and gold answer}, the tokens
+    routing_by_task looks at, so that evaluation needs no second forward.
+    """
+    device = _device(model)
+    layers = [name for name, layer in teamlora.adapter_layers(model) if layer.routed] if routing is not None else []
+    key = lambda item: (examples[item[0]].task, len(item[1]))  # noqa: E731
+    groups = []  # runs of one key, cut at batch_size choice rows
+    for item in sorted(((i, *_shared_prompt(tok, ex, seq_len)) for i, ex in enumerate(examples)), key=key):
+        if groups and key(groups[-1][0]) == key(item) and \
+                sum(len(a) for _, _, a in groups[-1]) + len(item[2]) <= batch_size:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    scores = [None] * len(examples)
+    for group in tqdm(groups, desc="scoring choices", leave=False, disable=_rank_world()[0] != 0):
+        # one row per choice: (its example in the group, the choice's index, its answer ids + EOS)
+        rows = [(g, j, a) for g, (_, _, answers) in enumerate(group) for j, a in enumerate(answers)]
+        tokens = torch.full((len(rows), max(len(a) for _, _, a in rows)), tok.pad_id, dtype=torch.long)  # (R, C)
+        targets = torch.full_like(tokens, IGNORE)
+        for r, (g, _, a) in enumerate(rows):
+            tokens[r, :len(a)] = torch.tensor([group[g][1][-1]] + a[:-1])
+            targets[r, :len(a)] = torch.tensor(a)
+        prompts = torch.tensor([p[:-1] for _, p, _ in group], device=device)  # (G, L - 1)
+        task, start = examples[group[0][0]].task, prompts.shape[1]
+        model.setup_cache(len(rows), start + tokens.shape[1])
+        try:
+            if start > 0:  # targets all IGNORE: the prompts only fill the cache, no output layer runs
+                model(prompts, torch.full_like(prompts, IGNORE), reduction="none")
+                if layers:
+                    routing[task] = routing.get(task, 0) + _routing_sums(model, layers, None)
+            model.select_cache(torch.tensor([g for g, _, _ in rows], device=device))  # row r: its example's prompt
+            logp = -model(tokens.to(device), targets.to(device), reduction="none", start_pos=start).sum(1)  # (R,)
+        finally:
+            model.clear_cache()
+        if layers:  # the gold rows' inputs: the last prompt token and the answer (its EOS is only a target)
+            gold = torch.zeros(tokens.shape, dtype=torch.bool)
+            for r, (g, j, a) in enumerate(rows):
+                ex = examples[group[g][0]]
+                gold[r, :len(a)] = ex.choices[j] == ex.output
+            routing[task] = routing.get(task, 0) + _routing_sums(model, layers, gold)
+        logp, r = logp.tolist(), 0
+        for i, _, answers in group:
+            scores[i], r = logp[r:r + len(answers)], r + len(answers)
+    return scores
+
+
+@torch.no_grad()
+def score_choices(model, tok, examples, seq_len, batch_size=32, routing=None):
+    """Index of the most likely choice of each example (choice_scores; batch_size counts choice rows).
 
     The score is the summed log-probability of the choice's answer tokens and EOS: the probability
     of generating exactly that answer and stopping. It favours short labels, since every extra
@@ -117,19 +188,7 @@ def score_choices(model, tok, examples, seq_len, batch_size=32):
     token, users' labels may not be. Averaging per token would trade that bias for
     the opposite one, so the score stays the answer's probability.
     """
-    seqs = [(i, j, *encode_example(tok, ex, seq_len, answer=c)[:2])
-            for i, ex in enumerate(examples) for j, c in enumerate(ex.choices)]
-    # An example too long for seq_len loses input tokens, a few more for a longer choice.
-    seqs.sort(key=lambda s: -len(s[2]))  # neighbours in length share a batch: little padding
-    scores = [[0.0] * len(ex.choices) for ex in examples]
-    for chunk in _batches(seqs, batch_size, "scoring choices"):
-        logits, targets = _forward(model, [(x, y) for _, _, x, y in chunk], tok)
-        answer = targets != IGNORE  # (B, T): the answer tokens and EOS
-        # log_softmax only where an answer token is predicted: (N, V) rows instead of (B, T, V).
-        logp = logits[answer].float().log_softmax(-1).gather(-1, targets[answer].unsqueeze(-1)).squeeze(-1)
-        per_seq = torch.zeros(len(chunk), device=logp.device).index_add_(0, answer.nonzero()[:, 0], logp)  # (B,)
-        for (i, j, _, _), s in zip(chunk, per_seq.tolist()):
-            scores[i][j] = s
+    scores = choice_scores(model, tok, examples, seq_len, batch_size, routing)
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
 
@@ -156,30 +215,33 @@ def _entropy(p):
 
 
 @torch.no_grad()
-def routing_by_task(model, tok, examples, seq_len, batch_size=32):
+def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None):
     """How each task's tokens are routed: teamlora.routing_stats over one forward of each example's
     prompt + gold answer, real (non-padding) tokens only. Per task: "tokens", "layers" {name: mean
     share per expert}, "mean" (the layers' average), "entropy" (mean per-token routing entropy,
     nats) and "load_entropy" (entropy of "mean"; log k when the load is even). {} if unrouted.
-    Distributed: each rank routes examples[rank::world], sums are all_reduced."""
+    collected: the routing dict that choice_scores filled while scoring; tasks with choices then
+    take their sums from it instead of a forward of their own.
+    Distributed: each rank routes examples[rank::world] (or scored its share), sums are all_reduced."""
     layers = [name for name, layer in teamlora.adapter_layers(model) if layer.routed]
     if not layers:
         return {}
     k = model.get_submodule(layers[0]).k
     tasks = sorted({ex.task for ex in examples})
+    scored = {ex.task for ex in examples if ex.choices} if collected is not None else set()
     rank, world = _rank_world()
     sums = torch.zeros(len(tasks), len(layers), k + 2, dtype=torch.float64)  # per layer: k share sums, entropy, tokens
     for t, task in enumerate(tasks):
+        if task in scored:
+            sums[t] += collected.get(task, 0)  # absent: this rank scored no example of the task
+            continue
         items = sorted((encode_example(tok, ex, seq_len)[:2] for ex in examples[rank::world] if ex.task == task),
                        key=lambda item: -len(item[0]))
         for chunk in _batches(items, batch_size, f"routing {task}"):
-            logits, _ = _forward(model, chunk, tok)
+            _, batch = _forward(model, chunk, tok)
             lengths = torch.tensor([len(x) for x, _ in chunk])
-            real = torch.arange(logits.shape[1]) < lengths[:, None]  # (B, T), false on padding
-            stats = teamlora.routing_stats(model, real)
-            for l, name in enumerate(layers):
-                s = stats[name]
-                sums[t, l] += torch.cat([s["weight_sum"].double(), torch.tensor([s["entropy_sum"], s["tokens"]])])
+            real = torch.arange(batch["tokens"].shape[1]) < lengths[:, None]  # (B, T), false on padding
+            sums[t] += _routing_sums(model, layers, real)
     sums = _all_reduce(sums, model)
     out = {}
     for t, task in enumerate(tasks):
@@ -215,12 +277,13 @@ def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, li
     model.eval()
     try:
         counts = []  # per task: a flattened confusion matrix, or [n, exact-match sum, ROUGE-L sum]
+        routed = {}  # routing sums that choice scoring collects on its way (routing_by_task's collected)
         for task in tasks:
             exs, mine = by_task[task], by_task[task][rank::world]
             gold = [ex.output for ex in mine]
             if exs[0].choices:
                 labels = list(dict.fromkeys(c for ex in exs for c in ex.choices))  # the same on every rank
-                picked = score_choices(model, tok, mine, seq_len, batch_size)
+                picked = score_choices(model, tok, mine, seq_len, batch_size, routed if routing else None)
                 counts.append(confusion([ex.choices[i] for ex, i in zip(mine, picked)], gold, labels).flatten())
             else:
                 answers = generate_answers(model, tok, mine, seq_len, max_new_tokens, batch_size)
@@ -239,7 +302,7 @@ def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, li
         results = {"average": _mean(headline(s) for s in scores.values()), "tasks": scores,
                    "majority": {"average": _mean(majority.values()), "tasks": majority},
                    "routing": routing_by_task(model, tok, [ex for t in tasks for ex in by_task[t]], seq_len,
-                                              batch_size) if routing else {}}
+                                              batch_size, routed) if routing else {}}
     finally:
         model.train(was_training)
     return results

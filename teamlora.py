@@ -7,35 +7,53 @@ Copy this one file into any project:
     ...train; the loss may add  coef * teamlora.adapter_aux_loss(model, mask)
     torch.save(teamlora.adapter_state_dict(model), "adapters.pt")
 
-Every adapter adds a trainable bypass delta(x) to a frozen layer y = W0 x (+ b). Routing is
-per token, over the last dimension of inputs of any shape (..., d_in).
+Every adapter adds a trainable bypass delta(x) to a frozen layer y = W0 x (+ b). Routing is per
+token, over the last dimension of inputs of any shape (..., d_in). r is the rank of one expert and
+s = alpha / r for every method, so TeamLoRA's scale is alpha / r_B (r_B = r), not alpha / (k r).
+drop(x) is one dropout mask, shared by all of a layer's experts.
 
-    lora       delta = s B A drop(x)                          A (r, d_in), B (d_out, r), s = alpha / r
-    moelora    delta = s sum_i g_i B_i A_i drop(x)            k independent experts, g = router(x)
-    hydralora  delta = s sum_i g_i B_i A drop(x)              one shared A (r, d_in), k heads B_i
-    teamlora   z = A drop(x), split into z_1..z_k             A (k r, d_in), expert i reads slice z_i
-               delta = s sum_i w_i B_i z_i                    B_i (d_out, r), w = router(x)
+    teamlora   z = A drop(x), split into z_1..z_k            A (k r, d_in), expert i reads slice z_i (r)
+               delta = s sum_i w_i B_i z_i                   B_i (d_out, r), w = router(x)
+    lora       delta = s B A drop(x)                         A (r, d_in), B (d_out, r)
+    moelora    delta = s sum_i g_i B_i A_i drop(x)           k independent experts, g = router(x)
+    hydralora  delta = s sum_i g_i B_i A drop(x)             one shared A (r, d_in), k heads B_i
 
 Routers (`router=`), always computed in float32:
-    softmax    g = softmax(W_g x)                              sums to 1 per token
-    shapley    phi = softmax(W_S x);  w~ = M phi;  w = k w~ / sum_j w~_j
-               M (k, k) learnable, init I + U(-0.1, 0.1) off the diagonal; w sums to k per token.
-teamlora uses `shapley` by default, the others `softmax`; switching gives the paper's ablations
-(teamlora + softmax: collaboration only; moelora + shapley: competition only).
+    softmax    g = softmax(W_g x)                                    sums to 1 per token
+    shapley    phi = softmax(W_S x);  w~ = M phi;  t = sum_j w~_j
+               w = k w~ / d,   d = sign(t) max(|t|, tau sum_j |w~_j|, 1e-6),   tau = 0.1
+               M (k, k) learnable, init I + U(-0.1, 0.1) off the diagonal; sign(0) = 1
+The normaliser's guard: wherever the paper's weights k w~ / t have sum_i |w_i| <= k / tau = 10 k, d = t
+and w is exactly them, summing to k per token; that holds at init for any input when k <= 9 (there t >
+1 - 0.1 (k - 1) and sum_j |w~_j| < 1 + 0.1 (k - 1)). Where the w~_j cancel (M's column sums near 0),
+w is the paper's weights scaled down to sum_i |w_i| = 10 k, so for any M and input sum_i |w_i| <= 10 k.
+(A bare floor |t| >= eps would let the weights reach ~k / eps.)
 
-TeamLoRA's fused form: since w_i is one scalar per token, sum_i w_i B_i z_i = B_cat (w (x) 1_r * z),
-with B_cat = [B_1 ... B_k] of shape (d_out, k r) stored as `lora_B`. The weights scale the k r
-rank coordinates, never the d_out outputs: two matrix products, the cost of one LoRA of rank k r.
-MoELoRA keeps the published loop over experts (k full (tokens, d_out) outputs), as the baseline
-the paper timed; HydraLoRA likewise loops over its heads.
+TeamLoRA's fused form: w_i is one scalar per token, so sum_i w_i B_i z_i = B_cat ((E w) * z), with
+B_cat = [B_1 ... B_k] (d_out, k r) stored as `lora_B` and E = I_k (x) 1_r (k r, k) repeating each
+weight over its expert's r rank coordinates (the buffer `expand` holds s E, so one (k r, k) product
+applies the weights and s). The weights scale the k r rank coordinates, never the d_out outputs: the
+cost of one LoRA of rank k r (its two matrix products) plus the router. MoELoRA keeps the published
+loop over experts (k full (tokens, d_out) outputs), the baseline the paper timed; HydraLoRA loops
+over its heads.
+
+Collaboration and competition (the paper's ablation, explained). Stacking MoELoRA's A_i (k, r, d_in)
+gives TeamLoRA's split A (k r, d_in), and B_cat = [B_1 ... B_k]: with the same router, `moelora` and
+`teamlora` compute the same delta(x), and with the same seed they start from the same numbers (both
+draw the router, then A_1..A_k one after another; B = 0). The collaboration module (the shared,
+split A) changes the cost, not the function: teamlora + softmax is MoELoRA computed fast, moelora +
+shapley is TeamLoRA computed slowly. The competition router (shapley) is what can change quality.
+The paper's own ablation (r = 32, CME average) agrees: collaboration only (teamlora + softmax) 59.77
+vs MoELoRA 59.69; competition only (moelora + shapley) 60.24 vs both (teamlora) 60.29.
+tests/test_teamlora.py checks the equivalence: initial weights, outputs and gradients.
 
 Load balance (optional): with p_i the mean over real tokens of expert i's share (g_i, or w_i / k),
     L_bal = k sum_i (p_i - 1/k)^2,   averaged over adapted layers by `adapter_aux_loss`.
 
-Public API: add_adapters, mark_only_adapters_trainable, adapter_state_dict,
-load_adapter_state_dict, adapter_aux_loss, merge_adapters, unmerge_adapters, routing_stats,
-parameter_report, adapter_layers. Base tensors keep their names (`...w1.weight`); every adapter
-tensor's name starts with `lora_`, so base checkpoints load unchanged after injection.
+Public API: add_adapters (its signature holds every default), mark_only_adapters_trainable,
+adapter_state_dict, load_adapter_state_dict, adapter_aux_loss, merge_adapters, unmerge_adapters,
+routing_stats, parameter_report, adapter_layers. Base tensors keep their names (`...w1.weight`);
+every adapter tensor's name starts with `lora_`, so base checkpoints load unchanged after injection.
 """
 import math
 
@@ -43,7 +61,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METHODS = ("lora", "moelora", "hydralora", "teamlora")
 ROUTERS = ("softmax", "shapley")
 FFN_TARGETS = ("w1", "w2", "w3", "gate_proj", "up_proj", "down_proj")  # Meta and Hugging Face names
 PREFIX = "lora_"
@@ -52,7 +69,9 @@ PREFIX = "lora_"
 class Router(nn.Module):
     """Per-token expert weights in float32: `softmax` (sum 1) or `shapley` (interaction matrix, sum k)."""
 
-    def __init__(self, d_in, k, kind="softmax"):
+    tau = 0.1  # the normaliser guard: sum_i |w_i| <= k / tau
+
+    def __init__(self, d_in, k, kind):
         super().__init__()
         if kind not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {kind!r}")
@@ -65,17 +84,21 @@ class Router(nn.Module):
             self.lora_M = nn.Parameter(torch.eye(k) + off)
 
     def forward(self, x):
-        # Router math stays float32 under bf16 autocast: softmax and the normaliser are sensitive.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            phi = torch.softmax(F.linear(x.float(), self.lora_gate.float()), dim=-1)  # (..., k)
-            if self.kind == "softmax":
-                return phi
-            mixed = phi @ self.lora_M.float().t()  # w~_i = sum_j M_ij phi_j (the paper's M phi)
-            total = mixed.sum(-1, keepdim=True)
-            # Guard the normaliser: keep its sign and hold |sum| >= 1e-6, so a vanishing sum
-            # (M far from its identity init) cannot divide by zero or flip the weights' sign.
-            total = torch.where(total >= 0, total.clamp(min=1e-6), total.clamp(max=-1e-6))
-            return self.k * mixed / total
+        # float32 under bf16 autocast too (softmax and the normaliser are sensitive); the autocast
+        # context is entered only when autocast is on, since entering it is dear at decode.
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x)
+        # .float() returns float32 tensors themselves: a cast only for bf16 inputs or adapters.
+        phi = torch.softmax(F.linear(x.float(), self.lora_gate.float()), dim=-1)  # (..., k)
+        if self.kind == "softmax":
+            return phi
+        mixed = F.linear(phi, self.lora_M.float())  # w~ = M phi: w~_i = sum_j M_ij phi_j (..., k)
+        t = mixed.sum(-1, keepdim=True)
+        # The guard (see the docstring): |d| >= tau sum_j |w~_j| bounds sum_i |w_i| by k / tau.
+        # (abs().sum, not linalg.vector_norm: on CPU that is ~18x slower on (2048, k).)
+        d = torch.maximum(t.abs(), self.tau * mixed.abs().sum(-1, keepdim=True))
+        return self.k * mixed / d.clamp_min(1e-6).copysign(t)
 
 
 class AdapterLinear(nn.Linear):
@@ -88,15 +111,17 @@ class AdapterLinear(nn.Linear):
         nn.Module.__init__(self)  # reuse base's tensors: no new allocation, same state-dict names
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.rank, self.scale = rank, alpha / rank
+        self.rank, self.scale = rank, alpha / rank  # s = alpha / r, r the rank of one expert
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
-    def _init_A(self, *shape):
-        A = torch.empty(*shape, device=self.weight.device)
-        for a in A.view(-1, *shape[-2:]):  # kaiming-uniform per (r, d_in) matrix, as nn.Linear does
+    def _init_A(self, k, r):
+        """k matrices A_i (r, d_in), (k, r, d_in), each kaiming-uniform as nn.Linear inits its weight
+        (bound 1 / sqrt(d_in)), drawn one after another: MoELoRA's A_i stacked are TeamLoRA's A."""
+        A = torch.empty(k, r, self.in_features, device=self.weight.device)
+        for a in A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        return nn.Parameter(A)
+        return A
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
@@ -112,26 +137,6 @@ class AdapterLinear(nn.Linear):
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, scale={self.scale:g}"
 
 
-class LoRALinear(AdapterLinear):
-    """delta = s B A drop(x); the only method that merges into W0."""
-
-    def __init__(self, base, rank, alpha=32.0, dropout=0.0):
-        super().__init__(base, rank, alpha, dropout)
-        self.lora_A = self._init_A(rank, self.in_features)  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))  # (d_out, r)
-
-    def delta(self, x):
-        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B)  # s applied on r, not d_out
-
-    @torch.no_grad()
-    def merge(self, sign=1.0):
-        if self.merged == (sign > 0):
-            return
-        dW = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)
-        self.weight.add_((sign * dW).to(self.weight.dtype))
-        self.merged = sign > 0
-
-
 class RoutedLinear(AdapterLinear):
     """A wrapper with a router. Keeps the last forward's weights for the balance term and statistics."""
 
@@ -140,8 +145,7 @@ class RoutedLinear(AdapterLinear):
     def __init__(self, base, rank, experts, alpha, dropout, router):
         super().__init__(base, rank, alpha, dropout)
         self.k = experts
-        self.router = Router(self.in_features, experts, router)
-        self.router.to(self.weight.device)
+        self.router = Router(self.in_features, experts, router).to(self.weight.device)
         self.last_weights = None  # (..., k) float32, with grad while training
 
     def route(self, x):
@@ -156,17 +160,62 @@ class RoutedLinear(AdapterLinear):
         )
 
 
+class TeamLoRALinear(RoutedLinear):
+    """Shared A of rank k r split into k slices, expert B_i reads slice i; fused in the rank space."""
+
+    def __init__(self, base, rank, experts, alpha, dropout, router):
+        super().__init__(base, rank, experts, alpha, dropout, router)
+        self.lora_A = nn.Parameter(self._init_A(experts, rank).flatten(0, 1))  # [A_1; ...; A_k] (k r, d_in)
+        # B_cat = [B_1 ... B_k]: expert i owns columns i r .. (i+1) r - 1.
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, experts * rank, device=self.weight.device))
+        # s E = s (I_k (x) 1_r), (k r, k): (s E w)_{i r + j} = s w_i. A constant, so not in the state dict.
+        E = torch.eye(experts, device=self.weight.device).repeat_interleave(rank, dim=0)
+        self.register_buffer("expand", self.scale * E, persistent=False)
+
+    def delta(self, x):
+        w = self.route(x)  # (..., k) float32
+        z = F.linear(self.dropout(x), self.lora_A)  # (..., k r)
+        return F.linear(z * F.linear(w.to(z.dtype), self.expand), self.lora_B)  # z_i *= s w_i: rank space
+
+    def delta_loop(self, x):
+        """The same delta computed expert by expert (the definition; used to test the fused form)."""
+        w = self.route(x).to(x.dtype)
+        z = F.linear(self.dropout(x), self.lora_A).split(self.rank, dim=-1)
+        B = self.lora_B.split(self.rank, dim=-1)
+        return sum(w[..., i : i + 1] * F.linear(z[i], B[i]) for i in range(self.k)) * self.scale
+
+
+class LoRALinear(AdapterLinear):
+    """delta = s B A drop(x); the only method that merges into W0."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__(base, rank, alpha, dropout)
+        self.lora_A = nn.Parameter(self._init_A(1, rank)[0])  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))  # (d_out, r)
+
+    def delta(self, x):
+        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B)  # s applied on r, not d_out
+
+    @torch.no_grad()
+    def merge(self, sign=1.0):
+        if self.merged == (sign > 0):
+            return
+        dW = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)
+        self.weight.add_((sign * dW).to(self.weight.dtype))
+        self.merged = sign > 0
+
+
 class MoELoRALinear(RoutedLinear):
     """k independent LoRA experts, weighted in the output space by a loop (the published baseline)."""
 
-    def __init__(self, base, rank, experts=4, alpha=32.0, dropout=0.0, router="softmax"):
+    def __init__(self, base, rank, experts, alpha, dropout, router):
         super().__init__(base, rank, experts, alpha, dropout, router)
-        self.lora_A = self._init_A(experts, rank, self.in_features)  # (k, r, d_in)
+        self.lora_A = nn.Parameter(self._init_A(experts, rank))  # (k, r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(experts, self.out_features, rank, device=self.weight.device))
 
     def delta(self, x):
         g = (self.route(x) * self.scale).to(x.dtype)  # (..., k), s folded in
-        x = self.dropout(x)
+        x = self.dropout(x)  # one mask for all experts, as TeamLoRA's (see the docstring's ablation)
         out = 0
         for i in range(self.k):  # each expert: a full (..., d_out) output, then weighted
             out = out + g[..., i : i + 1] * F.linear(F.linear(x, self.lora_A[i]), self.lora_B[i])
@@ -176,9 +225,9 @@ class MoELoRALinear(RoutedLinear):
 class HydraLoRALinear(RoutedLinear):
     """One shared A of rank r, k heads B_i, each head weighted in the output space."""
 
-    def __init__(self, base, rank, experts=4, alpha=32.0, dropout=0.0, router="softmax"):
+    def __init__(self, base, rank, experts, alpha, dropout, router):
         super().__init__(base, rank, experts, alpha, dropout, router)
-        self.lora_A = self._init_A(rank, self.in_features)  # (r, d_in)
+        self.lora_A = nn.Parameter(self._init_A(1, rank)[0])  # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(experts, self.out_features, rank, device=self.weight.device))
 
     def delta(self, x):
@@ -190,36 +239,15 @@ class HydraLoRALinear(RoutedLinear):
         return out
 
 
-class TeamLoRALinear(RoutedLinear):
-    """Shared A of rank k r split into k slices, expert B_i reads slice i; fused: two matmuls."""
-
-    def __init__(self, base, rank, experts=4, alpha=32.0, dropout=0.0, router="shapley"):
-        super().__init__(base, rank, experts, alpha, dropout, router)
-        self.lora_A = self._init_A(experts * rank, self.in_features)  # (k r, d_in)
-        # B_cat = [B_1 ... B_k]: expert i owns columns i r .. (i+1) r - 1.
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, experts * rank, device=self.weight.device))
-
-    def delta(self, x):
-        w = (self.route(x) * self.scale).to(x.dtype)  # (..., k), s folded in
-        z = F.linear(self.dropout(x), self.lora_A)  # (..., k r)
-        z = (z.unflatten(-1, (self.k, self.rank)) * w.unsqueeze(-1)).flatten(-2)  # z_i *= s w_i, in the rank space
-        return F.linear(z, self.lora_B)  # (..., d_out)
-
-    def delta_loop(self, x):
-        """The same delta computed expert by expert (the definition; used to test the fused form)."""
-        w = self.route(x).to(x.dtype)
-        z = F.linear(self.dropout(x), self.lora_A).split(self.rank, dim=-1)
-        B = self.lora_B.split(self.rank, dim=-1)
-        return sum(w[..., i : i + 1] * F.linear(z[i], B[i]) for i in range(self.k)) * self.scale
-
-
 WRAPPERS = {"lora": LoRALinear, "moelora": MoELoRALinear, "hydralora": HydraLoRALinear, "teamlora": TeamLoRALinear}
+METHODS = tuple(WRAPPERS)
 
 
 def add_adapters(model, method, rank, experts=4, alpha=32.0, dropout=0.05, targets=FFN_TARGETS, router=None):
     """Replace every nn.Linear whose module name ends in one of `targets` by `method`'s wrapper,
     then freeze everything but the adapters. `rank` is the per-expert rank r, `experts` is k;
-    `router=None` picks the method's own (teamlora: shapley, others: softmax). Returns the model."""
+    `router=None` picks the method's own (teamlora: shapley, others: softmax). Returns the model.
+    These keyword arguments are the whole adapter config: `add_adapters(model, **config)` rebuilds it."""
     if method not in WRAPPERS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if rank < 1 or experts < 1:
@@ -281,14 +309,18 @@ def _shares(layer, mask):
 
 
 def adapter_aux_loss(model, mask=None):
-    """L_bal = k sum_i (p_i - 1/k)^2 of the last forward, averaged over routed layers (0 if none).
-    mask: (...) of the input's leading shape, true on real (non-padding) tokens."""
+    """L_bal = k sum_i (p_i - 1/k)^2 of the last forward, averaged over routed layers; 0 (float32, on
+    the model's device, so collectives can reduce it) if none. mask: (...) of the input's leading
+    shape, true on real (non-padding) tokens."""
     losses = []
     for _, layer in adapter_layers(model):
         if layer.routed and layer.last_weights is not None:
             p = _shares(layer, mask).mean(0)  # (k,)
             losses.append(layer.k * ((p - 1.0 / layer.k) ** 2).sum())
-    return torch.stack(losses).mean() if losses else torch.zeros(())
+    if losses:
+        return torch.stack(losses).mean()
+    param = next(model.parameters(), None)
+    return torch.zeros((), dtype=torch.float32, device=param.device if param is not None else None)
 
 
 @torch.no_grad()

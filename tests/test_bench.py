@@ -1,5 +1,7 @@
 """bench.py on minuscule shapes, one round: every method present, times positive, ratios agree with the times."""
 import pytest
+import torch
+import torch.nn as nn
 
 import bench
 
@@ -33,3 +35,36 @@ def test_model_mode(tmp_path):
     check(result, ["train_ms", "prefill_ms", "decode_ms_per_token", "train_memory_mib"], [2, 4], 2)
     assert out.exists()
     assert 0 < result["rows"]["LoRA r2"]["trainable_pct"] < result["rows"]["LoRA r8"]["trainable_pct"]
+
+
+def test_smollm2_shape_sets_gqa_and_tied_embeddings_flags_still_win():
+    result = bench.main(["--shape", "smollm2", "--dim", "18", "--hidden", "24", "--layers", "1", "--heads", "3",
+                         "--vocab", "32", "--new-tokens", "2", "--experts", "2", *TINY])
+    args = result["args"]
+    assert (args["kv_heads"], args["tied"], args["dim"]) == (3, True, 18)  # kv heads and tying from the shape
+    check(result, ["train_ms", "prefill_ms", "decode_ms_per_token", "train_memory_mib"], [2], 2)
+
+
+@pytest.mark.parametrize("method", ["moelora", "hydralora"])
+def test_published_variants_same_function_more_masks(method):
+    """Without dropout the published computations equal teamlora.py's; with it they draw k masks, not one."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    layers = {}
+    for spec in [bench.Spec("ours", method, 2, 3), bench.Spec("published", f"{method}-published", 2, 3)]:
+        torch.manual_seed(1)
+        holder = nn.Module()
+        holder.w1 = nn.Linear(8, 6, bias=False)
+        layers[spec.label] = bench.adapt(holder, spec, dropout=0.5).w1
+        nn.init.normal_(layers[spec.label].lora_B)
+    assert type(layers["published"]) is bench.PUBLISHED[f"{method}-published"][1]
+    for layer in layers.values():
+        layer.eval()
+    torch.testing.assert_close(layers["published"](x), layers["ours"](x))
+    masks = {}
+    for label, layer in layers.items():
+        layer.train()
+        masks[label] = 0
+        layer.dropout.register_forward_hook(lambda *_, label=label: masks.__setitem__(label, masks[label] + 1))
+        layer(x)
+    assert masks == {"ours": 1, "published": 3}

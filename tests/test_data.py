@@ -1,7 +1,12 @@
 """data.py: reading and checking mixtures, loss masks and truncation, the task sampler, the tokenizer."""
 import gzip
+import io
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -9,7 +14,9 @@ import torch
 
 import data
 from data import IGNORE, Example
+from model import Tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"task": "t", "instruction": "Say yes or no.", "input": "maybe", "output": "yes", "choices": ["yes", "no"]}
 
 
@@ -18,7 +25,24 @@ def write_jsonl(path, rows):
     return path
 
 
-# ----------------------------------------------------------------------------- reading
+@pytest.fixture(scope="module")
+def bpe_tokenizer(builtin_mixture, tmp_path_factory):
+    """A byte-level BPE tokenizer.json like SmolLM2's, trained in-process with the tokenizers package.
+    Trained on whole prompts and answers, so that its merges know the template's junctions."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator([data.prompt_text(ex) + ex.output for ex in builtin_mixture[0][::40]], trainer)
+    folder = tmp_path_factory.mktemp("bpe")
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    return Tokenizer(folder / "tokenizer.json")
+
+
+TOKENIZERS = ["sp_tokenizer", "bpe_tokenizer"]  # SentencePiece with a dummy prefix (like LLaMA-2's), byte-level BPE
 
 def test_builtin_mixture(builtin_mixture):
     train, test = builtin_mixture
@@ -53,10 +77,12 @@ def test_bad_line_names_file_and_line(tmp_path, line, message):
 def test_bad_mixtures(tmp_path):
     with pytest.raises(ValueError, match="no examples"):
         data.load_mixture(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(FileNotFoundError, match="nowhere") as err:
         data.load_mixture(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+    assert isinstance(err.value, data.DataError)  # what the entry points print as one line
+    with pytest.raises(FileNotFoundError, match="train.jsonl") as err:
         data.load_mixture(tmp_path)
+    assert isinstance(err.value, data.DataError)
     mix = tmp_path / "mix"
     mix.mkdir()
     write_jsonl(mix / "train.jsonl", [GOOD])
@@ -66,7 +92,51 @@ def test_bad_mixtures(tmp_path):
     write_jsonl(mix / "test.jsonl", [{k: v for k, v in GOOD.items() if k != "choices"}])
     with pytest.raises(ValueError, match=f"{mix / 'test.jsonl'}:1: task 't' mixes"):
         data.load_mixture(mix)
+    (mix / "test.jsonl").unlink()
+    (mix / "test.jsonl.gz").write_bytes(b"not gzip at all\n")
+    with pytest.raises(data.DataError, match=f"{mix / 'test.jsonl.gz'}: cannot read it"):
+        data.load_mixture(mix)
 
+
+def test_every_bad_line_is_reported(tmp_path):
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    train = write_jsonl(mix / "train.jsonl", [GOOD, "{oops", {**GOOD, "ouput": "x"}, GOOD,
+                                              {**GOOD, "task": "u"}, {**GOOD, "task": "u", "output": 1}])
+    test = write_jsonl(mix / "test.jsonl", [{**GOOD, "output": "perhaps"}, {**GOOD, "task": "u"},
+                                            {**GOOD, "task": "unseen"}, "[]"])
+    with pytest.raises(data.DataError) as err:
+        data.load_mixture(mix)
+    assert str(err.value).splitlines() == [
+        f"{train}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{train}:3: unknown key 'ouput' (allowed: task, instruction, input, output, choices)",
+        f"{train}:6: field 'output' must be a string, got int",
+        f"{test}:1: output 'perhaps' is not one of its choices ['yes', 'no']",
+        f"{test}:4: expected a JSON object, got list",
+        f"{test}:3: task 'unseen' has no training examples",
+    ]
+    # A long run of bad lines: the first MAX_REPORTED, then how many more.
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD] + ["{"] * 25)
+    with pytest.raises(data.DataError) as err:
+        data.read_jsonl(path)
+    lines = str(err.value).splitlines()
+    assert len(lines) == data.MAX_REPORTED + 1 and lines[0].startswith(f"{path}:2: invalid JSON")
+    assert lines[-2].startswith(f"{path}:{data.MAX_REPORTED + 1}: ") and lines[-1] == "... and 5 more"
+
+
+def test_a_task_has_one_set_of_choices(tmp_path):
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    train = write_jsonl(mix / "train.jsonl", [GOOD, {**GOOD, "choices": ["no", "yes"]}])  # order is free
+    test = write_jsonl(mix / "test.jsonl", [GOOD, {**GOOD, "choices": ["yes", "no", "maybe"]}])
+    with pytest.raises(data.DataError) as err:
+        data.load_mixture(mix)
+    assert str(err.value) == (f"{test}:2: task 't' has choices ['yes', 'no', 'maybe'], "
+                              f"but {train}:1 has ['yes', 'no']")
+    write_jsonl(mix / "train.jsonl", [GOOD, {**GOOD, "output": "no", "choices": ["no", "nope"]}])
+    write_jsonl(mix / "test.jsonl", [GOOD])
+    with pytest.raises(data.DataError, match=f"{train}:2: task 't' has choices \\['no', 'nope'\\], but {train}:1"):
+        data.load_mixture(mix)
 
 def test_gzip_directory_and_single_file(tmp_path):
     with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
@@ -88,10 +158,13 @@ def test_prompt_template():
     assert data.prompt_text(ex) == "### Instruction:\nDo it.\n\n### Response:\n"
 
 
-def test_loss_mask_is_answer_and_eos(builtin_mixture, sp_tokenizer):
-    tok = sp_tokenizer
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_loss_mask_is_answer_and_eos(builtin_mixture, tokenizer, request):
+    tok = request.getfixturevalue(tokenizer)
     train, _ = builtin_mixture
-    for ex in train[::997] + [Example("t", "No input here.", "", "a longer free answer 42")]:
+    for ex in train[::997] + [Example("t", "No input here.", "", "a longer free answer 42"),
+                              Example("t", "Pick one.", '"Quoted" (input)\n', "(a)", ["(a)", "b c", "\nd"])]:
+        prompts = set()
         for answer in (None, *(ex.choices or [])):
             x, y, truncated = data.encode_example(tok, ex, 512, answer)
             assert len(x) == len(y) <= 512 and not truncated
@@ -99,27 +172,76 @@ def test_loss_mask_is_answer_and_eos(builtin_mixture, sp_tokenizer):
             assert all(t == IGNORE or t == nxt for t, nxt in zip(y, x[1:]))  # targets are inputs shifted by one
             first = next(i for i, t in enumerate(y) if t != IGNORE)
             assert IGNORE not in y[first:]  # the prompt is a masked prefix, the answer an unmasked suffix
-            assert tok.decode(y[first:-1]) == (ex.output if answer is None else answer)
-            assert tok.decode(x[1:first + 1]).replace(" ", "") == data.prompt_text(ex).replace(" ", "")
+            answer = ex.output if answer is None else answer
+            assert tok.decode(y[first:-1]) == answer.lstrip(" ")  # (SentencePiece drops a leading space)
+            # The template verbatim, and the answer right after it: no space where the parts join.
+            assert tok.decode(x[1:first + 1]) == data.prompt_text(ex)
+            assert tok.decode(x[1:]) == data.prompt_text(ex) + answer
+            if ex.where:  # a built-in example: the ids are those of the whole text encoded at once
+                assert x[1:] == tok.encode(data.prompt_text(ex) + answer, False, False)
+            prompts.add(tuple(x[:first + 1]))
+        assert len(prompts) == 1  # every choice follows the same prompt ids
 
 
-def test_truncation_keeps_instruction_and_answer(tmp_path, sp_tokenizer):
-    tok = sp_tokenizer
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_truncation_keeps_instruction_and_answer(tmp_path, tokenizer, request):
+    tok = request.getfixturevalue(tokenizer)
     ex = Example("t", "Is this spam?", " ".join(map(str, range(100))), "spam", ["spam", "ham"], "x.jsonl:7")
-    x, y, truncated = data.encode_example(tok, ex, 48)
-    assert truncated and len(x) == 48
-    head = tok.encode("### Instruction:\nIs this spam?\n\n### Input:\n", False, False)
+    x, y, truncated = data.encode_example(tok, ex, 64)
+    assert truncated and len(x) == 64
+    first = next(i for i, t in enumerate(y) if t != IGNORE)
+    prompt, answer = tok.decode(x[1:first + 1]), y[first:]
+    head, tail = "### Instruction:\nIs this spam?\n\n### Input:\n", "\n\n### Response:\n"
+    assert prompt.startswith(head) and prompt.endswith(tail)
+    kept = prompt[len(head):-len(tail)]  # the template with a shortened input ...
     body = tok.encode(ex.input, False, False)
-    tail = tok.encode("\n\n### Response:\n", False, False)
-    answer = tok.encode("spam", False, False)
-    kept = 48 - 1 - len(head) - len(tail) - len(answer)
-    assert x == [tok.bos_id] + head + body[:kept] + tail + answer  # the input loses its end
-    assert [t for t in y if t != IGNORE] == answer + [tok.eos_id]
+    cuts = [tok.decode(body[:m]) for m in range(len(body))]
+    assert kept in cuts and len(kept) > 10  # ... cut after one of its tokens ...
+    longer = Example("t", ex.instruction, cuts[cuts.index(kept) + 1], "spam", ex.choices)
+    assert len(data.encode_example(tok, longer, 64 + 10)[0]) > 64  # ... the longest cut that fits
+    assert x == [tok.bos_id] + tok.encode(head + kept + tail, False, False) + answer[:-1]
+    assert tok.decode(answer) == "spam" and answer[-1] == tok.eos_id
 
     write_jsonl(tmp_path / "x.jsonl", ["", "", {**GOOD, "output": "no " * 40, "choices": None}])
     (long,) = data.read_jsonl(tmp_path / "x.jsonl")
     with pytest.raises(ValueError, match=f"{tmp_path / 'x.jsonl'}:3: .*seq_len 32"):
         data.encode_example(tok, long, 32)
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_truncated_choices_follow_the_same_prompt(tokenizer, request):
+    """The room left for the input is set by the longest choice, so a shortened input is the same
+    for every choice scored and for the gold answer trained on."""
+    tok = request.getfixturevalue(tokenizer)
+    ex = Example("t", "Is this spam?", "buy now " * 60, "ham", ["ham", "spam, and a very long label besides"])
+    seqs = [data.encode_example(tok, ex, 96, answer) for answer in (None, *ex.choices)]
+    assert all(truncated for _, _, truncated in seqs)
+    prompts = {tuple(x[:next(i for i, t in enumerate(y) if t != IGNORE) + 1]) for x, y, _ in seqs}
+    assert len(prompts) == 1 and max(len(x) for x, _, _ in seqs) == 96
+
+
+def test_answer_after_a_token_spanning_the_newline(tmp_path):
+    """A vocabulary whose token ":\\n(" would join the prompt's last line to an answer "(A)"."""
+    def tokenizer(name, symbols):
+        proto = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(["Pick (A) or (B): 10 of them.", "### Response:\n(A) is it"] * 50),
+            model_writer=proto, model_type="bpe", vocab_size=320, user_defined_symbols=symbols,
+            byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, minloglevel=2)
+        (tmp_path / name).write_bytes(proto.getvalue())
+        return Tokenizer(tmp_path / name)
+
+    tok = tokenizer("a.model", [":\n("])
+    ex = Example("t", "Pick.", "", "(A)", ["(A)", "(B)"])
+    assert tok.encode(data.prompt_text(ex) + "(A)", False, False)[-3] == tok.encode(":\n(", False, False)[-1]
+    for answer in ex.choices:
+        x, y, _ = data.encode_example(tok, ex, 64, answer)
+        first = next(i for i, t in enumerate(y) if t != IGNORE)
+        assert tok.decode(x[1:first + 1]) == data.prompt_text(ex) and tok.decode(x[1:]) == data.prompt_text(ex) + answer
+    tok = tokenizer("b.model", [":\n(", "0("])  # no boundary before "(" at all: a clear error
+    with pytest.raises(data.DataError, match="'\\(A\\)' merges with the prompt's last token"):
+        data.encode_example(tok, Example("t", "Pick.", "", "(A)", where="x.jsonl:2"), 64)
 
 
 def test_dataset_and_collate(sp_tokenizer, capsys):
@@ -138,6 +260,16 @@ def test_dataset_and_collate(sp_tokenizer, capsys):
     for i, n in enumerate(lengths):
         assert batch["tokens"][i, :n].tolist() == ds[i][0] and batch["targets"][i, :n].tolist() == ds[i][1]
         assert (batch["tokens"][i, n:] == tok.pad_id).all() and (batch["targets"][i, n:] == IGNORE).all()
+
+
+def test_dataset_reports_every_example_that_cannot_fit(sp_tokenizer):
+    examples = [Example("a", "Say it.", "", "yes", where="x.jsonl:1"),
+                *(Example("a", "Say it. " * 30, "", "yes", where=f"x.jsonl:{n}") for n in (2, 3)),
+                Example("b", "Say it.", "", "yes", where="x.jsonl:4")]
+    with pytest.raises(data.DataError) as err:
+        data.TaskDataset(examples, sp_tokenizer, 64, tasks=["a"])
+    assert [line.split(": ")[0] for line in str(err.value).splitlines()] == ["x.jsonl:2", "x.jsonl:3", "x.jsonl:4"]
+    assert "seq_len 64" in str(err.value) and "task 'b' is not one of ['a']" in str(err.value)
 
 
 # ----------------------------------------------------------------------------- task sampling
@@ -224,3 +356,32 @@ def test_pretraining_texts_and_lm_batches(sp_tokenizer):
     assert torch.equal(x, data.lm_batch(stream, 4, 16, torch.Generator().manual_seed(0))[0])
     with pytest.raises(ValueError, match="seq_len"):
         data.lm_batch(stream, 1, 100, torch.Generator())
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_command_line(tmp_path):
+    """`python data.py [MIXTURE]`: help, a summary, and a bad mixture as `error:` lines with exit
+    status 2; run where numpy is missing, torch's warning about it is not shown (nor by model.py)."""
+    no_numpy = tmp_path / "no-numpy" / "numpy"
+    no_numpy.mkdir(parents=True)
+    (no_numpy / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n")
+    env = {**os.environ, "PYTHONPATH": str(no_numpy.parent)}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    out = run("data.py", "--help")
+    assert (out.returncode, out.stderr) == (0, "") and out.stdout.startswith("usage: data.py [-h] [mixture]")
+    mix = write_jsonl(tmp_path / "mix.jsonl", [GOOD, {**GOOD, "output": "no"}, GOOD])
+    out = run("data.py", str(mix))
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout.splitlines() == ["3 train / 0 test examples", f"{'t':>12} train      3: yes 2, no 1"]
+    write_jsonl(mix, [GOOD, "{", {**GOOD, "task": ""}])
+    out = run("data.py", str(mix))
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.splitlines() == [
+        f"error: {mix}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{mix}:3: field 'task' is empty"]
+    out = run("-c", "import model")
+    assert (out.returncode, out.stderr) == (0, "")

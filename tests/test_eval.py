@@ -60,15 +60,25 @@ def test_exact_match_and_rouge_l():
 
 
 class Bigram(nn.Module):
-    """A stand-in LM: the logits after a token are one row of a table, zero (uniform) until rigged."""
+    """A stand-in LM: the logits after a token are one row of a table, zero (uniform) until rigged.
+    It looks at one token only, so its KV cache has nothing to hold."""
 
     def __init__(self, vocab):
         super().__init__()
         self.table = nn.Embedding(vocab, vocab)
         nn.init.zeros_(self.table.weight)
 
-    def forward(self, tokens):
-        return self.table(tokens)  # (B, T, V)
+    def forward(self, tokens, targets=None, reduction="mean", start_pos=0):
+        logits = self.table(tokens)  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss.view_as(targets) if reduction == "none" else loss
+
+    def setup_cache(self, *shape):
+        pass
+
+    select_cache = clear_cache = setup_cache
 
     @torch.no_grad()
     def rig(self, tok, ex, answer):
@@ -132,6 +142,54 @@ def test_batching_changes_no_choice_and_no_answer(tiny, sp_tokenizer, builtin_mi
     assert ev.generate_answers(tiny, tok, copy, SEQ_LEN, max_new_tokens=5, batch_size=2) == alone
 
 
+def scores_one_forward_per_choice(model, tok, examples, prompt_of=None):
+    """The scores as main computed them: a full forward of prompt + answer + EOS for every choice,
+    log-softmax of the logits at the answer positions. prompt_of(ex) forces one prompt on every choice."""
+    scores = []
+    for ex in examples:
+        row = []
+        for c in ex.choices:
+            x, y, _ = data.encode_example(tok, ex, SEQ_LEN, answer=c)
+            if prompt_of:
+                answer = y[y.count(IGNORE):]
+                x, y = prompt_of(ex) + answer[:-1], [IGNORE] * (len(prompt_of(ex)) - 1) + answer
+            logits = model(torch.tensor([x]))[0]
+            y = torch.tensor(y)
+            row.append(logits[y != IGNORE].log_softmax(-1).gather(-1, y[y != IGNORE, None]).sum().item())
+        scores.append(row)
+    return scores
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_choice_scores_equal_one_forward_per_choice(tiny, sp_tokenizer, builtin_mixture, batch_size):
+    """Each prompt runs once into the KV cache; every choice continues from it: the same scores."""
+    tok = sp_tokenizer
+    fits = [ex for ex in builtin_mixture[1] if not any(data.encode_example(tok, ex, SEQ_LEN, c)[2] for c in ex.choices)]
+    examples = first_per_task(fits, 4)
+    new = ev.choice_scores(tiny, tok, examples, SEQ_LEN, batch_size=batch_size)
+    old = scores_one_forward_per_choice(tiny, tok, examples)
+    assert [len(s) for s in new] == [len(ex.choices) for ex in examples]
+    for a, b in zip(new, old):
+        assert a == pytest.approx(b, abs=1e-5, rel=1e-5)
+
+
+def test_truncated_input_every_choice_sees_the_same_prompt(tiny, sp_tokenizer):
+    """An input too long for seq_len is cut once, leaving room for the longest choice: a short
+    choice is not scored against more of the input than a long one."""
+    tok = sp_tokenizer
+    choices = ["yes", "no it is not so, not at all, never"]
+    ex = Example("qa", "Is it so?", " ".join(["a long input that will not fit"] * 40), "yes", choices)
+    prompts = [data.encode_example(tok, ex, SEQ_LEN, answer=c) for c in choices]
+    prompts = [x[:y.count(IGNORE) + 1] for x, y, truncated in prompts if truncated]
+    shortest = min(prompts, key=len)
+    [new] = ev.choice_scores(tiny, tok, [ex], SEQ_LEN)
+    [shared] = scores_one_forward_per_choice(tiny, tok, [ex], prompt_of=lambda ex: shortest)
+    assert new == pytest.approx(shared, abs=1e-5, rel=1e-5)
+    if len({len(p) for p in prompts}) > 1:  # encode_example cuts by each choice's length: main's bug was here
+        [apart] = scores_one_forward_per_choice(tiny, tok, [ex])
+        assert apart[1] == pytest.approx(new[1], abs=1e-5) and apart[0] != new[0]  # the short choice saw more input
+
+
 # ----------------------------------------------------------------------------- routing
 
 
@@ -167,6 +225,26 @@ def test_routing_shares_sum_to_one_over_real_tokens_only(sp_tokenizer, builtin_m
         assert s["entropy"] == pytest.approx(alone[task]["entropy"], abs=1e-5)
     lora = routed(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=tok.n_words)), "lora")
     assert ev.routing_by_task(lora, tok, examples, SEQ_LEN) == {}
+
+
+def test_routing_collected_while_scoring_equals_its_own_forward(sp_tokenizer, builtin_mixture):
+    """choice_scores(routing=...) sees each prompt + gold answer once: the sums routing_by_task gets by itself."""
+    tok = sp_tokenizer
+    torch.manual_seed(0)
+    model = routed(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, hidden_dim=48,
+                                         max_seq_len=SEQ_LEN)))
+    fits = [ex for ex in builtin_mixture[1] if not any(data.encode_example(tok, ex, SEQ_LEN, c)[2] for c in ex.choices)]
+    examples = first_per_task(fits, 3)
+    collected = {}
+    ev.score_choices(model, tok, examples, SEQ_LEN, batch_size=4, routing=collected)
+    assert set(collected) == {"nli", "sentiment", "spam", "supersense"}
+    via_scoring = ev.routing_by_task(model, tok, examples, SEQ_LEN, collected=collected)
+    alone = ev.routing_by_task(model, tok, examples, SEQ_LEN)
+    for task, s in alone.items():
+        assert via_scoring[task]["tokens"] == s["tokens"]
+        for name, shares in s["layers"].items():
+            assert via_scoring[task]["layers"][name] == pytest.approx(shares, abs=1e-5)
+        assert via_scoring[task]["entropy"] == pytest.approx(s["entropy"], abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- evaluation

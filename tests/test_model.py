@@ -48,6 +48,47 @@ def assert_same_logits(a: Transformer, b: Transformer):
 
 # ---- inference --------------------------------------------------------------------------------
 
+def reference_logits(model: Transformer, x: torch.Tensor) -> torch.Tensor:
+    """The forward written out plainly (real-valued RoPE on pairs, k/v repeated per query head,
+    softmax attention, norms by hand): what the fused calls in model.py must compute."""
+    a = model.args
+    hd, n_kv = a.dim // a.n_heads, a.n_kv_heads or a.n_heads
+    T = x.shape[1]
+    angles = torch.outer(torch.arange(T, dtype=torch.float32), 1.0 / a.rope_theta ** (torch.arange(0, hd, 2) / hd))
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (T, 1, hd/2)
+
+    def norm(h, w):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + a.norm_eps) * w
+
+    def rope(t):  # (B, T, H, hd)
+        even, odd = t[..., 0::2], t[..., 1::2]
+        out = torch.empty_like(t)
+        out[..., 0::2], out[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
+        return out
+
+    h = model.tok_embeddings.weight[x]
+    for layer in model.layers:
+        at = layer.attention
+        u = norm(h, layer.attention_norm.weight)
+        q = rope((u @ at.wq.weight.T).view(*x.shape, a.n_heads, hd)).transpose(1, 2)
+        k = rope((u @ at.wk.weight.T).view(*x.shape, n_kv, hd)).repeat_interleave(a.n_heads // n_kv, 2).transpose(1, 2)
+        v = (u @ at.wv.weight.T).view(*x.shape, n_kv, hd).repeat_interleave(a.n_heads // n_kv, 2).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        h = h + (scores.softmax(-1) @ v).transpose(1, 2).reshape(*x.shape, -1) @ at.wo.weight.T
+        u = norm(h, layer.ffn_norm.weight)
+        ff = layer.feed_forward
+        h = h + (torch.nn.functional.silu(u @ ff.w1.weight.T) * (u @ ff.w3.weight.T)) @ ff.w2.weight.T
+    return norm(h, model.norm.weight) @ model.output.weight.T
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_forward_equals_the_plain_math(n_kv_heads):
+    model, x = tiny(n_kv_heads=n_kv_heads), tokens(T=10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(model, x), atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_matches_full_forward():
     model, x = tiny(), tokens(T=10)
     full = model(x)
