@@ -209,8 +209,13 @@ def load_run(out_dir, device="cpu", dtype=torch.float32, base=None):
     it moved since training (a --base value: a directory or "tiny")."""
     ckpt = read_checkpoint(out_dir)
     path = Path(ckpt["base_path"])
-    if base or not path.is_dir():  # moved, or trained elsewhere: a Hub id is fetched again
-        path = base_dir(base or ckpt["config"]["base"])
+    if base:
+        path = base_dir(base)
+    elif not path.is_dir():  # moved, or trained on another machine: a Hub id is fetched again
+        try:
+            path = base_dir(ckpt["config"]["base"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{out_dir}: its base is gone ({e}); say where it is now with --base") from None
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     try:
         if ckpt["adapter"] is None:

@@ -11,7 +11,8 @@ device), from any device tensor, or a parameter (Module.to moves those). Every c
 asserts that its tensors are device tensors, and an op mixing a host tensor of one or more
 dimensions with device tensors fails as it would on a GPU (indexing excepted: CUDA allows a CPU
 index). Why not simpler: torch.set_default_device('meta') breaks AdamW's CPU step counters and all
-host-side data, and a model on 'meta' cannot be read back (.item()) to log a loss.
+host-side data, and a model on 'meta' cannot be read back (.item()) to log a loss. Blind spot: the
+training device here is the CPU, so a hard-coded .to("cpu") counts as the training device.
 """
 import runpy
 import sys

@@ -423,3 +423,21 @@ def test_eval_user_errors_are_one_line_and_exit_2(argv, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error:" in err.strip().splitlines()[-1], err  # argparse: usage, then error
+
+
+def test_load_run_finds_a_moved_base_with_base(run_dir, tmp_path):
+    run, trained = run_dir
+    config = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in Path(config["base"]).iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "base": str(tmp_path / "nowhere")}}, gone / "checkpoint.pt")
+    with pytest.raises(common.CheckpointError, match="--base"):
+        common.load_run(gone)
+    model, tok, _ = common.load_run(gone, base=str(moved))
+    x = torch.tensor([tok.encode("a dog and a cat", bos=True, eos=False)])
+    torch.testing.assert_close(model(x), trained(x))
