@@ -18,7 +18,6 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
 import torch  # noqa: E402
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -240,10 +239,9 @@ def save(model, adapter, base, opt, sched, progress, args, device):
 
 
 def token_losses(model, batch):
-    """Cross-entropy at every position (B, T), 0 where the target is IGNORE (prompt and padding)."""
-    logits = model(batch["tokens"])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=data.IGNORE,
-                           reduction="none").view_as(batch["targets"])
+    """Cross-entropy at every position (B, T), 0 where the target is IGNORE (prompt and padding); the
+    model computes its output layer only at the answer positions."""
+    return model(batch["tokens"], batch["targets"], reduction="none")
 
 
 def task_sums(batch, losses, n_tasks):
