@@ -12,7 +12,8 @@ A train.py output directory OUT holds (save_checkpoint and read_checkpoint, side
     checkpoint.pt          torch.load(..., weights_only=True): what resuming and rebuilding need
                            config     train.py's flags exactly as parsed (presets resolved)
                            adapter    teamlora.add_adapters' keyword arguments (None for full)
-                           base_path  the base model's directory, resolved when training
+                           base_path  the base model's directory as an absolute path (config's
+                                      "base" keeps it as the user gave it: a Hub id, a relative path)
                            step, train_time, tokens, loss   progress: steps, seconds, input
                                       tokens of all ranks, the last step's loss
                            optimizer, scheduler, rng (one dict per rank), data {"examples_seen"}
@@ -33,12 +34,15 @@ from safetensors.torch import save_file
 import data
 import teamlora
 from data import DataError
-from model import CheckpointError, Transformer, load_tokenizer, resolve_base
+from model import CheckpointError, Transformer, checkpoint_args, load_tokenizer, resolve_base
 
 ADAPTERS, CHECKPOINT = "adapters.safetensors", "checkpoint.pt"
+# Everything train.py and eval.py write into OUT: what train.py --overwrite removes first.
+OUTPUTS = (ADAPTERS, CHECKPOINT, "log.jsonl", "summary.json", "eval.json", "predictions.jsonl", "routing.png")
 # train.py flags that say how a run is carried out, not what it computes: a resume may change
 # them, and eval.py --compare ignores them (and the seed) when it groups runs into one setup.
-RUN_ONLY = ("out", "resume", "device", "compile", "grad_checkpoint", "save_every", "eval_limit", "no_eval", "timeout")
+RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "grad_checkpoint", "save_every", "eval_limit",
+            "no_eval", "timeout")
 
 # ----------------------------------------------------------------------------- user errors
 
@@ -203,19 +207,33 @@ def base_dir(name):
     return data.TINY_BASE if name == "tiny" else resolve_base(name)
 
 
-def load_run(out_dir, device="cpu", dtype=torch.float32, base=None):
-    """(model, tokenizer, config) of a train.py output directory, in eval mode: the base model with
-    the trained adapters (or the fully fine-tuned weights). base: where the base model is now, if
-    it moved since training (a --base value: a directory or "tiny")."""
+def check_base(path):
+    """(tokenizer, ModelArgs) of a base directory, read without a single weight: the tokenizer
+    loads, the config is one model.py supports, the weight files are there. Entry points call it
+    before Transformer.from_pretrained, which takes minutes for a 7B base."""
+    return load_tokenizer(path), checkpoint_args(path)
+
+
+def open_run(out_dir, base=None):
+    """(checkpoint, base directory, tokenizer) of a train.py output directory, its base checked
+    (check_base) but not loaded. base: where the base model is now, if it moved since training
+    (a --base value). Else the absolute path stored at training, then the base as the user gave
+    it: a relative path from here, a Hub id fetched again."""
     ckpt = read_checkpoint(out_dir)
     path = Path(ckpt["base_path"])
     if base:
         path = base_dir(base)
-    elif not path.is_dir():  # moved, or trained on another machine: a Hub id is fetched again
+    elif not path.is_dir():  # moved, or trained on another machine
         try:
             path = base_dir(ckpt["config"]["base"])
         except CheckpointError as e:
             raise CheckpointError(f"{out_dir}: its base is gone ({e}); say where it is now with --base") from None
+    return ckpt, path, check_base(path)[0]
+
+
+def load_model(ckpt, path, device="cpu", dtype=torch.float32):
+    """The base model at path with a checkpoint's trained tensors (adapters, or the fully
+    fine-tuned weights), in eval mode."""
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     try:
         if ckpt["adapter"] is None:
@@ -226,5 +244,11 @@ def load_run(out_dir, device="cpu", dtype=torch.float32, base=None):
             teamlora.add_adapters(model, **ckpt["adapter"])
             teamlora.load_adapter_state_dict(model, ckpt["tensors"])
     except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{out_dir}: the trained tensors do not fit the base {path}: {e}") from e
-    return model.to(device).eval(), load_tokenizer(path), ckpt["config"]
+        raise CheckpointError(f"the run's trained tensors do not fit the base {path}: {e}") from e
+    return model.to(device).eval()
+
+
+def load_run(out_dir, device="cpu", dtype=torch.float32, base=None):
+    """(model, tokenizer, config) of a train.py output directory: open_run, then load_model."""
+    ckpt, path, tok = open_run(out_dir, base)
+    return load_model(ckpt, path, device, dtype), tok, ckpt["config"]

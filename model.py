@@ -442,6 +442,17 @@ def _meta_checkpoint(path: Path):
     return args, tensors()
 
 
+def checkpoint_args(path) -> ModelArgs:
+    """The ModelArgs of a checkpoint directory or Hub id, its config checked and its weight files
+    found, without reading a weight: the cheap checks to run before a base that loads for minutes."""
+    path = resolve_base(path)
+    if (path / "config.json").exists():
+        return _hf_checkpoint(path)[0]  # its tensors are read lazily, when iterated
+    if (path / "params.json").exists():
+        return _meta_checkpoint(path)[0]  # the shards are mmapped, not read
+    raise CheckpointNotFound(f"{path}: no checkpoint here (looked for config.json and params.json)")
+
+
 def _read(file: Path):
     """(name, tensor) pairs of one safetensors or pickled-torch file; a damaged file names itself."""
     try:
@@ -466,7 +477,10 @@ class Tokenizer:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
                 raise CheckpointError(f"{path} needs the tokenizers package: pip install tokenizers") from None
-            tok = HFTokenizer.from_file(str(path))
+            try:
+                tok = HFTokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception for a damaged file
+                raise CheckpointError(f"{path}: not a readable tokenizer ({e})") from e
             config_file = path.parent / "tokenizer_config.json"
             config = json.loads(config_file.read_text()) if config_file.exists() else {}
 
@@ -574,8 +588,9 @@ def main(argv=None):
     if args.adapters:  # imported here: without --adapters model.py needs nothing else from the project
         from common import load_run
         model, tokenizer, _ = load_run(args.adapters, device, dtype, base=args.checkpoint)
-    else:
-        model, tokenizer = Transformer.from_pretrained(args.checkpoint, dtype, device), load_tokenizer(args.checkpoint)
+    else:  # the tokenizer first: a broken one is reported before the weights load
+        tokenizer = load_tokenizer(args.checkpoint)
+        model = Transformer.from_pretrained(args.checkpoint, dtype, device)
     prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
     [new] = model.generate([prompt], args.max_new_tokens, eos_id=tokenizer.eos_id)  # greedy
     print(args.prompt + tokenizer.decode(new))

@@ -5,7 +5,9 @@
     torchrun --nproc_per_node 8 train.py --base /ckpt/Llama-2-7b-hf --data my_mix/ --rank 32
 
 One process per device: nccl on GPUs, gloo on CPUs. OUT holds adapters.safetensors, checkpoint.pt
-(the format is described in common.py), log.jsonl, summary.json and eval.json.
+(the format is described in common.py), log.jsonl, summary.json, and from the final evaluation
+eval.json, predictions.jsonl and routing.png (eval.py says what they hold). An OUT that holds a run,
+finished or started, is refused unless --resume continues it or --overwrite replaces it.
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ import data
 import eval as evaluation
 import teamlora
 from common import UserError, cli
-from model import Transformer, load_tokenizer
+from model import Transformer
 
 # The defaults of the flags whose help says "preset". tiny: the quick start on the tiny base.
 # cpu: small real bases on a CPU. paper: the paper's recipe (README, Method notes). 0 = no limit.
@@ -83,7 +85,9 @@ def get_args(argv=None):
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    again = p.add_mutually_exclusive_group()  # without either, an OUT that holds a run is refused
+    again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    again.add_argument("--overwrite", action="store_true", help="replace the run that OUT holds, finished or not")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps; 0 = only at the end")
     p.add_argument("--eval-limit", type=int, help="test examples per task at the end; 0 = all " + preset("eval_limit"))
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
@@ -121,32 +125,41 @@ def adapter_kwargs(args):
     return kwargs
 
 
+def attach(model, args):
+    """Add the flags' adapters to model; returns the adapter config as built (None for full)."""
+    if args.method == "full":
+        return None
+    try:
+        teamlora.add_adapters(model, **adapter_kwargs(args))
+    except ValueError as e:  # e.g. no layer named like --targets
+        raise UserError(str(e)) from None
+    routers = {layer.router.kind for _, layer in teamlora.adapter_layers(model) if layer.routed}
+    adapter = adapter_kwargs(args)
+    if routers:
+        adapter["router"] = routers.pop()  # the router as used, whoever chose it
+    return adapter
+
+
 def build(args, device):
-    """(base directory, tokenizer, frozen base + adapters, the adapter config as built, train, test)."""
-    train, test = data.load_mixture(args.data)  # first: a data error should not wait for a model to load
+    """(base directory, tokenizer, frozen base + adapters, the adapter config as built, train, test).
+    What a user can get wrong is checked before the base's weights are read: the data, the base's
+    tokenizer and config, and the adapter flags (on the model built without storage)."""
+    train, test = data.load_mixture(args.data)
     if args.base == "tiny" and common.is_main():
         data.tiny_base(args.pretrain_steps, device)  # first use only; the other ranks wait at the barrier
     common.barrier()
     base = common.base_dir(args.base)
-    tok = load_tokenizer(base)
+    tok, config = common.check_base(base)
+    with torch.device("meta"):  # the adapter flags tried on a model without storage
+        attach(Transformer(config), args)
     dtype = torch.bfloat16 if use_bf16(args, device) and device.type == "cuda" else torch.float32  # CPUs: float32
     model = Transformer.from_pretrained(base, dtype=dtype, device=device)
     model.gradient_checkpointing = args.grad_checkpoint
-    adapter = None
     if args.method == "full":
         model.float()  # full fine-tuning keeps float32 master weights
-    else:
-        torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
-        try:
-            teamlora.add_adapters(model, **adapter_kwargs(args))
-        except ValueError as e:  # e.g. no layer named like --targets
-            raise UserError(str(e)) from None
-        model.to(device)
-        routers = {layer.router.kind for _, layer in teamlora.adapter_layers(model) if layer.routed}
-        adapter = adapter_kwargs(args)
-        if routers:
-            adapter["router"] = routers.pop()  # the router as used, whoever chose it
-    return base.resolve(), tok, model, adapter, train, test
+    torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
+    adapter = attach(model, args)
+    return base.resolve(), tok, model.to(device), adapter, train, test
 
 
 def use_bf16(args, device):
@@ -186,6 +199,22 @@ def batches(ds, sampler, tok, batch_size, start, device):
 
 
 # ----------------------------------------------------------------------------- resuming
+
+def check_out(args):
+    """A new run into an OUT that holds one, finished or started, needs --resume or --overwrite."""
+    out = Path(args.out)
+    held = [f for f in (common.CHECKPOINT, "log.jsonl") if (out / f).exists()]
+    if held and not (args.resume or args.overwrite):
+        raise UserError(f"--out {out} holds a run already ({', '.join(held)}): --resume continues it, "
+                        "--overwrite replaces it")
+
+
+def clear_out(out):
+    """--overwrite: the earlier run's files go, so none of them is taken for the new run's."""
+    for name in common.OUTPUTS:
+        for f in (out / name, out / (name + ".tmp")):
+            f.unlink(missing_ok=True)
+
 
 def read_resume(args, world):
     """OUT/checkpoint.pt for --resume, refused unless it continues this very run."""
@@ -278,6 +307,7 @@ def train(args, rank, world, device):
     """The run, from building the model to the final evaluation (main sets up the processes)."""
     master = rank == 0  # the process that logs and writes
     out = Path(args.out)
+    check_out(args)  # checks before work: the flags (get_args), OUT, then build's data and base
     resume = read_resume(args, world) if args.resume else None
     base, tok, model, adapter, train_set, test_set = build(args, device)
     ds = data.TaskDataset(train_set, tok, args.seq_len, verbose=master)
@@ -292,6 +322,8 @@ def train(args, rank, world, device):
     log = None
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            clear_out(out)
         print_config(args, world, steps, report, ds.tasks, len(train_set), len(test_set))
         log = open_log(out, progress["step"])
     raw = model  # checkpoints and evaluation use the unwrapped, uncompiled module
@@ -313,6 +345,7 @@ def train(args, rank, world, device):
     model.train()
     while progress["step"] < steps:
         t0 = time.time()
+        lr = sched.get_last_lr()[0]  # the lr this step uses; sched.step() below sets the next one
         micro = [next(stream) for _ in range(args.grad_accum)]
         # The loss is summed over answer tokens and divided by the step's answer tokens on all
         # ranks, times the world size since DDP averages gradients: one process on the global batch.
@@ -333,8 +366,7 @@ def train(args, rank, world, device):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        rec = record(sums, aux_sum, micro, grad_norm, sched.get_last_lr()[0], time.time() - t0, progress,
-                     ds.tasks, world, device)
+        rec = record(sums, aux_sum, micro, grad_norm, lr, time.time() - t0, progress, ds.tasks, world, device)
         if master:
             log.write(json.dumps(rec) + "\n")
             bar.update(1)
@@ -346,14 +378,14 @@ def train(args, rank, world, device):
         log.close()
         write_summary(out, args, adapter, base, report, progress, steps)
     if not args.no_eval:
-        final_eval(raw, tok, test_set, args, report, progress)
+        final_eval(raw, tok, train_set, test_set, args, report, progress)
 
 
 def print_config(args, world, steps, report, tasks, n_train, n_test):
     """The resolved flags, the global batch and the parameter counts, once (rank 0)."""
     print(f"config: {json.dumps(vars(args))}")
-    print(f"global batch: {world} processes x {args.batch_size} examples x {args.grad_accum} micro-steps = "
-          f"{world * args.batch_size * args.grad_accum} examples per step; {steps} steps; "
+    print(f"global batch: {world} process{'es' * (world > 1)} x {args.batch_size} examples x {args.grad_accum} "
+          f"micro-steps = {world * args.batch_size * args.grad_accum} examples per step; {steps} steps; "
           f"{n_train} train / {n_test} test examples, tasks {tasks}")
     print(f"{args.method}: {report['trainable']:,} trainable of {report['base']:,} base parameters "
           f"({report['trainable_pct']:.3f}%; router {report['router']:,})")
@@ -368,12 +400,19 @@ def write_summary(out, args, adapter, base, report, progress, steps):
     common.atomic_save(json.dumps(summary, indent=1), out / "summary.json")
 
 
-def final_eval(model, tok, test_set, args, report, progress):
-    """Score the test split (every rank scores its share); rank 0 writes eval.json and prints the table."""
-    results = evaluation.evaluate(model, tok, test_set, args.seq_len, limit=args.eval_limit or None)
+def final_eval(model, tok, train_set, test_set, args, report, progress):
+    """Score the test split (every rank scores its share, the majority baseline comes from the
+    training labels); rank 0 prints the tables and writes eval.json, predictions.jsonl, routing.png."""
+    if not test_set:
+        if common.is_main():
+            print(f"no test split in {args.data}: evaluation skipped")
+        return
+    predictions = []
+    results = evaluation.evaluate(model, tok, test_set, args.seq_len, limit=args.eval_limit or None,
+                                  majority=evaluation.majority_labels(train_set), predictions=predictions)
     if common.is_main():
-        common.atomic_save(json.dumps(results, indent=1), Path(args.out) / "eval.json")
-        print(evaluation.format_table(results))
+        evaluation.write_results(args.out, {**results, "data": args.data, "limit": args.eval_limit or None},
+                                 predictions)
         print(f"{args.method}: {report['trainable']:,} trainable parameters ({report['trainable_pct']:.3f}% "
               f"of the base; router {report['router']:,}); trained {progress['train_time']:.0f} s; -> {args.out}")
 

@@ -257,19 +257,37 @@ def test_evaluate_counts_a_rigged_model_exactly(sp_tokenizer, builtin_mixture):
     model = Bigram(tok.n_words)
     model.rig(tok, spam[0], "ham")  # ham on every spam example
     model.train()
-    results = ev.evaluate(model, tok, examples, SEQ_LEN, limit=20)
+    majority = ev.majority_labels(builtin_mixture[0])
+    results = ev.evaluate(model, tok, examples, SEQ_LEN, limit=20, majority=majority)
     assert model.training  # restored
     n_ham = sum(ex.output == "ham" for ex in spam[:20])
     s = results["tasks"]["spam"]
     assert s["n"] == 20 and s["accuracy"] == pytest.approx(n_ham / 20)
     assert s["macro_f1"] == pytest.approx((2 * n_ham / (2 * n_ham + 20 - n_ham) + 0.0) / 2)
-    assert results["majority"]["tasks"]["spam"] == pytest.approx(max(n_ham, 20 - n_ham) / 20)
+    n_majority = sum(ex.output == majority["spam"] for ex in spam[:20])
+    assert results["majority"]["tasks"]["spam"] == pytest.approx(n_majority / 20)
     assert set(results["tasks"]) == {"nli", "sentiment", "spam", "supersense"}
     assert results["average"] == pytest.approx(sum(t["accuracy"] for t in results["tasks"].values()) / 4)
     assert results["routing"] == {}
     table = ev.format_table(results)
     for word in ("spam", "supersense", "average", "majority"):
         assert word in table
+
+
+def test_majority_baseline_is_the_training_majority_on_choice_tasks_only(tiny, sp_tokenizer):
+    """Mostly "spam" in training, mostly "ham" in the test split: the baseline answers "spam" and
+    scores 1/5, not the test split's own majority 4/5. A generated task has no baseline ("-")."""
+    spam = lambda output: Example("spam", "Spam or ham?", "Win a prize.", output, ["ham", "spam"])  # noqa: E731
+    copy = lambda word: Example("copy", "Repeat the last word.", f"red {word}", word)  # noqa: E731
+    train = [spam("spam"), spam("ham"), spam("spam"), spam("spam"), copy("dog"), copy("dog"), copy("cat")]
+    test = [spam("ham")] * 4 + [spam("spam"), copy("bird"), copy("dog")]
+    assert ev.majority_labels(train) == {"spam": "spam"}
+    results = ev.evaluate(tiny, sp_tokenizer, test, SEQ_LEN, max_new_tokens=2, majority=ev.majority_labels(train))
+    assert results["majority"]["tasks"] == {"spam": pytest.approx(1 / 5), "copy": None}
+    assert results["majority"]["answers"] == {"spam": "spam", "copy": None}
+    assert results["majority"]["average"] is None  # over one task of two: it would not compare with "average"
+    rows = {line.split()[0]: line.split() for line in ev.format_table(results).splitlines()[1:4]}
+    assert rows["spam"][3] == "0.200" and rows["copy"][3] == "-" and rows["average"][3] == "-"
 
 
 # ----------------------------------------------------------------------------- a run directory
@@ -329,7 +347,14 @@ def test_main_one_process_then_two_gloo_ranks_agree(run_dir, capsys):
     ev.main(["--ckpt", str(run), "--limit", "4", "--batch-size", "8", "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
     one = json.loads((run / "eval.json").read_text())
-    assert set(one) == {"average", "tasks", "majority", "routing"}
+    assert set(one) == {"average", "tasks", "majority", "routing", "data", "limit"} and one["limit"] == 4
+    predicted = [json.loads(line) for line in open(run / "predictions.jsonl")]
+    assert len(predicted) == 5 * 4 and set(predicted[0]) == {"task", "input", "gold", "predicted", "score", "correct"}
+    for task, scores in one["tasks"].items():  # each line agrees with the scores
+        mine = [p for p in predicted if p["task"] == task]
+        assert sum(p["correct"] for p in mine) / 4 == pytest.approx(scores.get("accuracy", scores.get("exact_match")))
+    assert all(p["score"] <= 0 for p in predicted if p["task"] != "copy")  # a log-likelihood
+    assert str(run / "predictions.jsonl") in printed
     assert set(one["tasks"]) == {"copy", "nli", "sentiment", "spam", "supersense"}
     assert set(one["tasks"]["copy"]) == {"n", "exact_match", "rouge_l"}
     assert all(s["n"] == 4 for s in one["tasks"].values())
@@ -344,8 +369,13 @@ def test_main_one_process_then_two_gloo_ranks_agree(run_dir, capsys):
            "--ckpt", str(run), "--limit", "4", "--batch-size", "8", "--max-new-tokens", "4"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert res.stdout.count("average") == 1  # only rank 0 prints
+    assert sum(line.startswith("average") for line in res.stdout.splitlines()) == 1  # only rank 0 prints
+    assert "replacing the earlier evaluation" in res.stdout
     two = json.loads((run / "eval.json").read_text())
+    # rank 0 writes every rank's predictions, in the one-process order
+    again = [json.loads(line) for line in open(run / "predictions.jsonl")]
+    assert [(p["task"], p["input"], p["predicted"]) for p in again] == [(p["task"], p["input"], p["predicted"])
+                                                                        for p in predicted]
     for task, scores in one["tasks"].items():
         assert two["tasks"][task] == pytest.approx(scores)
     assert two["average"] == pytest.approx(one["average"])
@@ -358,25 +388,34 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
     other = tmp_path / "lora"
     other.mkdir()
     (other / "summary.json").write_text(json.dumps(
-        {"config": {"method": "lora", "rank": 8, "experts": 4, "router": None, "seed": 0}, "trainable": 999,
-         "trainable_pct": 0.75, "router_params": 0, "train_time_s": 60.0, "tokens_per_s": 5000.0, "steps": 10}))
+        {"config": {"method": "lora", "rank": 8, "experts": 4, "router": None, "seed": 0, "base": "org/base"},
+         "adapter": {"method": "lora", "rank": 8}, "trainable": 999, "trainable_pct": 0.75, "router_params": 0,
+         "train_time_s": 60.0, "tokens_per_s": 5000.0, "steps": 10}))
     with pytest.raises(FileNotFoundError, match=r"lora.eval\.json"):
         ev.compare([other])
     (other / "eval.json").write_text(json.dumps(
         {"average": 0.625, "tasks": {"spam": {"n": 4, "accuracy": 0.75, "macro_f1": 0.5},
                                      "copy": {"n": 4, "exact_match": 0.5, "rouge_l": 0.6}},
-         "majority": {"average": 0.5, "tasks": {"spam": 0.75, "copy": 0.25}}, "routing": {}}))
+         "majority": {"average": None, "tasks": {"spam": 0.75, "copy": None}}, "routing": {}}))
     run, _ = run_dir
+    summary = json.loads((run / "summary.json").read_text())  # as train.py writes it: the router as used
+    (run / "summary.json").write_text(json.dumps({**summary, "adapter": {"method": "teamlora", "router": "shapley"}}))
     (run / "eval.json").write_text(json.dumps(
         {"average": 0.8, "tasks": {"spam": {"n": 4, "accuracy": 0.8, "macro_f1": 0.7}},
          "majority": {"average": 0.75, "tasks": {"spam": 0.75}}, "routing": {}}))
-    table = ev.compare([other, run])
-    lines = table.splitlines()
-    assert lines[0].split()[-2:] == ["copy", "spam"]
-    assert lines[1].split()[:2] == [str(other), "lora"] and "0.750" in lines[1] and "0.625" in lines[1]
-    assert lines[2].split()[:2] == [str(run), "teamlora"] and "0.800" in lines[2] and "default" in lines[2]
-    assert lines[3].startswith("majority")
-    # Runs that differ only in the seed become one row of mean ± sd.
+    lines = ev.compare([other, run]).splitlines()
+    assert lines[0].split() == ["run", "base", "method", "rank", "experts", "router", "trainable%", "time_s",
+                                "tokens/s", "n", "average", "copy", "spam"]
+    lora = lines[1].split()
+    assert lora[:3] == [str(other), "org/base", "lora"] and lora[-4:] == ["8", "0.625", "0.500", "0.750"]
+    teamlora = lines[2].split()
+    assert teamlora[:3] == [str(run), summary["config"]["base"], "teamlora"] and "shapley" in teamlora
+    assert teamlora[-4:] == ["4", "0.800", "-", "0.800"]
+    # Tested on other examples (here: other tasks), each run's own majority baseline has its row.
+    assert lines[3].startswith(f"majority class of {other} ") and lines[3].split()[-4:] == ["8", "-", "-", "0.750"]
+    assert lines[4].startswith(f"majority class of {run} ") and lines[4].split()[-4:] == ["4", "0.750", "-", "0.750"]
+    assert "one majority row for each" in lines[-1]
+    # Runs that differ only in the seed become one row of mean ± sd; one baseline, one row.
     seeds = []
     for seed, avg in ((1, 0.5), (2, 0.7)):
         d = tmp_path / f"lora-s{seed}"
@@ -385,9 +424,10 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
         (d / "summary.json").write_text(json.dumps({**s, "config": {**s["config"], "seed": seed}}))
         (d / "eval.json").write_text((other / "eval.json").read_text().replace("0.625", str(avg)))
         seeds.append(d)
-    lines = ev.compare([*seeds, run]).splitlines()
-    assert len(lines) == 4 + 1  # header, lora (2 seeds), teamlora, majority, footnote
+    lines = ev.compare(seeds).splitlines()
+    assert len(lines) == 3 + 2  # header, lora (2 seeds), majority, two footnotes
     assert "(+1 seeds)" in lines[1] and "0.600 ± 0.141" in lines[1]
+    assert lines[2].split()[:3] == ["majority", "class", "-"] and lines[2].split()[-4:] == ["8", "-", "-", "0.750"]
 
 
 def test_routing_heatmap(tmp_path):
@@ -411,9 +451,15 @@ def test_compare_averages_only_runs_that_differ_in_the_seed(tmp_path):
             {"config": {**config, **change}, "trainable_pct": 1.0, "train_time_s": 10.0, "tokens_per_s": 100.0}))
         (d / "eval.json").write_text(json.dumps({"average": 0.5 + i / 100, "tasks": {"spam": {"n": 1, "accuracy": 0.5}},
                                                  "majority": {"average": 0.5, "tasks": {"spam": 0.5}}}))
-    lines = ev.compare([tmp_path / name for name in runs]).splitlines()
-    assert len(lines) == 1 + 6 + 1 + 1  # header, 6 setups, majority, footnote
+    elsewhere = tmp_path / "base-s2-tested-elsewhere"  # eval.py --data: the same setup, other test examples
+    elsewhere.mkdir()
+    (elsewhere / "summary.json").write_text((tmp_path / "base-s1" / "summary.json").read_text())
+    (elsewhere / "eval.json").write_text(json.dumps({**json.loads((tmp_path / "base-s1" / "eval.json").read_text()),
+                                                     "data": "elsewhere/"}))
+    lines = ev.compare([tmp_path / name for name in runs] + [elsewhere]).splitlines()
+    assert len(lines) == 1 + 7 + 1 + 2  # header, 7 setups, majority, footnotes
     assert "(+1 seeds)" in lines[1] and sum("seeds" in line for line in lines[2:-1]) == 0
+    assert lines[-4].startswith(str(elsewhere))
 
 
 @pytest.mark.parametrize("argv", [["--ckpt", "nowhere"], ["--compare", "nowhere"], ["--ckpt"]])

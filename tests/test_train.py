@@ -1,5 +1,7 @@
 """train.py end to end on a tiny random base: DDP equals one process, resume equals no interruption,
-checkpoints load back for evaluation, collectives get device tensors, user errors are one line."""
+checkpoints load back for evaluation, collectives get device tensors, user errors are one line,
+and what a new user trips over (issue 15): cheap checks before the weights load, a second run
+into one OUT, predictions, the majority baseline, the logged lr, a moved base."""
 import json
 import os
 import random
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 import common
 import data
 import eval as evaluation
+import model as model_py
 import teamlora
 import train
 from model import ModelArgs, Transformer, load_tokenizer
@@ -360,3 +363,200 @@ def test_presets_show_in_help_and_follow_the_base(capsys):
     assert train.get_args(["--base", "x", "--device", "cpu"]).preset == "cpu"
     args = train.get_args(["--base", "x", "--device", "cpu", "--lr", "1e-3"])
     assert (args.lr, args.max_steps, args.batch_size, args.eval_limit) == (1e-3, 150, 8, 100)
+
+
+# ----------------------------------------------------------------------------- issue 15: a new user's first hour
+
+
+@pytest.fixture(scope="module")
+def hf_base(setup, tmp_path_factory):
+    """A base laid out like a current Hugging Face checkpoint: config.json, safetensors and only a
+    byte-level BPE tokenizer.json (as SmolLM2 ships), trained here with the tokenizers package."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from test_model import write_hf
+    base = tmp_path_factory.mktemp("hf") / "base"
+    base.mkdir()
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    mixture = data.load_mixture(setup[1])
+    hf.train_from_iterator([data.prompt_text(ex) + ex.output for ex in mixture[0] + mixture[1]], trainer)
+    hf.save(str(base / "tokenizer.json"))
+    torch.manual_seed(0)
+    write_hf(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=hf.get_vocab_size(),
+                                   hidden_dim=48, max_seq_len=128)), base)
+    assert sorted(f.name for f in base.iterdir() if f.name.startswith("tok")) == ["tokenizer.json"]
+    return base
+
+
+def no_weights(monkeypatch):
+    """From here on, reading any base weight fails the test (model._read reads every checkpoint file)."""
+    monkeypatch.setattr(model_py, "_read", lambda file: pytest.fail(f"weights read: {file}"))
+
+
+def test_a_checkpoint_with_only_tokenizer_json_trains_evaluates_and_generates(hf_base, setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(flags((hf_base, setup[1]), out, "--max-steps", "2", "--batch-size", "2"))
+    assert set(json.loads((out / "eval.json").read_text())["tasks"]) == {"color", "copy"}
+    evaluation.main(["--ckpt", str(out), "--limit", "2", "--max-new-tokens", "2"])
+    model_py.main([str(hf_base), "--prompt", "red cat", "--max-new-tokens", "3"])
+    model_py.main([str(hf_base), "--adapters", str(out), "--prompt", "red cat", "--max-new-tokens", "3"])
+    assert capsys.readouterr().out.count("red cat") == 2
+
+
+@pytest.mark.parametrize("broken", ["tokenizer", "no tokenizer", "config", "no config", "no weights"])
+def test_a_broken_base_is_reported_before_any_weight_is_read(hf_base, setup, tmp_path, monkeypatch, capsys, broken):
+    """train.py, eval.py --base and model.py's CLI check the tokenizer and config.json first: a 7B base
+    takes minutes to load, and a bad tokenizer.json should not wait for it."""
+    out = tmp_path / "run"
+    train.main(flags((hf_base, setup[1]), out, "--max-steps", "1", "--batch-size", "2", "--no-eval"))
+    base = tmp_path / "broken"
+    base.mkdir()
+    for f in hf_base.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    if broken == "tokenizer":
+        (base / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab"')  # cut short
+    elif broken == "config":
+        (base / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    else:
+        for f in {"no tokenizer": ["tokenizer.json"], "no config": ["config.json"],
+                  "no weights": [f.name for f in base.glob("model*")]}[broken]:
+            (base / f).unlink()
+    named = {"tokenizer": "tokenizer.json", "no tokenizer": "no tokenizer", "config": "model_type='gpt2'",
+             "no config": "config.json", "no weights": "no weights"}[broken]
+    no_weights(monkeypatch)
+    capsys.readouterr()
+    for main, argv in ((train.main, flags((base, setup[1]), tmp_path / "again", "--max-steps", "1")),
+                       (evaluation.main, ["--ckpt", str(out), "--base", str(base)]),
+                       (model_py.main, [str(base)])):
+        with pytest.raises(SystemExit) as e:
+            common.cli(main, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and named in err, (main.__module__, err)
+
+
+def test_data_and_flags_are_checked_before_the_weights_load(hf_base, setup, tmp_path, monkeypatch, capsys):
+    """A bad data line, and --targets that name no layer (tried on a model without storage)."""
+    mix = broken_mixture(tmp_path)
+    no_weights(monkeypatch)
+    for mixture, argv, named in ((mix, [], f"{mix / 'train.jsonl'}:3"),
+                                 (setup[1], ["--targets", "wq_typo"], "no nn.Linear named ['wq_typo']")):
+        with pytest.raises(SystemExit):
+            common.cli(train.main, flags((hf_base, mixture), tmp_path / "run", *argv))
+        assert named in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_out_needs_resume_or_overwrite(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(flags(setup, out, "--max-steps", "2", "--batch-size", "2"))
+    assert (out / "eval.json").exists() and (out / "predictions.jsonl").exists()
+    first = adapters(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # refused before anything is loaded or written
+        common.cli(train.main, flags(setup, out, "--max-steps", "1", "--batch-size", "2", "--seed", "1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--resume" in err and "--overwrite" in err, err
+    assert all(torch.equal(first[k], v) for k, v in adapters(out).items())
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "log.jsonl").write_text("")  # died before its first checkpoint: still a run
+    with pytest.raises(SystemExit):
+        common.cli(train.main, flags(setup, tmp_path / "started", "--max-steps", "1"))
+    with pytest.raises(SystemExit):
+        train.get_args(flags(setup, out, "--resume", "--overwrite"))
+    train.main(flags(setup, out, "--max-steps", "1", "--batch-size", "2", "--seed", "1", "--overwrite", "--no-eval"))
+    assert [r["step"] for r in log(out)] == [1] and summary(out)["config"]["seed"] == 1
+    assert not (out / "eval.json").exists() and not (out / "predictions.jsonl").exists()  # not the old run's
+
+
+def majority_mixture(tmp_path):
+    """color: mostly "yes" in training (12 of 16), mostly "no" in the test split (6 of 8); copy: generated."""
+    mix = tmp_path / "majority"
+    mix.mkdir()
+    for split, answers in (("train", ["yes"] * 12 + ["no"] * 4), ("test", ["yes"] * 2 + ["no"] * 6)):
+        rows = [{"task": "color", "instruction": "Is a color first?", "input": f"{WORDS[i % 15]} cat", "output": a,
+                 "choices": ["yes", "no"]} for i, a in enumerate(answers)]
+        rows += [{"task": "copy", "instruction": "Repeat the last word.", "input": f"red {w}", "output": w}
+                 for w in WORDS[:len(answers) // 2]]
+        (mix / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return mix
+
+
+def test_final_evaluation_majority_from_training_predictions_and_heatmap(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(flags((setup[0], majority_mixture(tmp_path)), out, "--max-steps", "1", "--batch-size", "2",
+                     "--eval-limit", "0"))
+    printed = capsys.readouterr().out
+    results = json.loads((out / "eval.json").read_text())
+    assert results["majority"]["tasks"] == {"color": 2 / 8, "copy": None}  # "yes" always: 2 of 8 test answers
+    assert results["majority"]["answers"]["color"] == "yes"
+    assert {t: s["n"] for t, s in results["tasks"].items()} == {"color": 8, "copy": 4}  # --eval-limit 0: all
+    predicted = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert [p["task"] for p in predicted] == ["color"] * 8 + ["copy"] * 4
+    assert [p["gold"] for p in predicted[:8]] == ["yes"] * 2 + ["no"] * 6
+    assert all(p["predicted"] in ("yes", "no") and p["correct"] == (p["predicted"] == p["gold"]) for p in predicted[:8])
+    assert all(0 <= p["score"] <= 1 for p in predicted[8:])  # ROUGE-L of the generated answer
+    assert str(out / "routing.png") in printed or "matplotlib is not installed" in printed
+    assert "load_entropy: the entropy of the task's mean shares" in printed
+
+
+def test_eval_limit_0_means_all_and_a_single_jsonl_skips_evaluation(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    assert "0 = all" in " ".join(capsys.readouterr().out.split())
+    single = setup[1] / "train.jsonl"
+    out = tmp_path / "run"
+    train.main(flags((setup[0], single), out, "--max-steps", "1", "--batch-size", "2", "--eval-limit", "0"))
+    printed = capsys.readouterr().out
+    assert f"no test split in {single}: evaluation skipped" in printed
+    assert "average" not in printed and not (out / "eval.json").exists()
+    with pytest.raises(SystemExit):  # eval.py has nothing to do: a one-line error
+        common.cli(evaluation.main, ["--ckpt", str(out)])
+    assert "no test split" in capsys.readouterr().err
+
+
+def test_the_logged_lr_is_the_one_the_step_used(setup, tmp_path):
+    train.main(flags(setup, tmp_path / "one", "--max-steps", "1", "--batch-size", "2", "--no-eval"))
+    assert [r["lr"] for r in log(tmp_path / "one")] == [1e-2]  # no warm-up step at 0.2 of 1; not the next (0)
+    train.main(flags(setup, tmp_path / "three", "--max-steps", "3", "--batch-size", "2", "--warmup", "0.5",
+                     "--no-eval"))
+    expected = [1e-2 * train.cosine_lr(s, 3, 1) for s in range(3)]
+    assert [r["lr"] for r in log(tmp_path / "three")] == pytest.approx(expected) and expected == [1e-2, 1e-2, 5e-3]
+
+
+def test_the_effective_batch_is_printed_at_start(setup, tmp_path, capsys):
+    train.main(flags(setup, tmp_path / "run", "--preset", "paper", "--batch-size", "2", "--max-steps", "1",
+                     "--no-eval"))
+    assert "global batch: 1 process x 2 examples x 8 micro-steps = 16 examples per step" in capsys.readouterr().out
+
+
+def test_summary_holds_the_router_used_and_compare_shows_it(setup, tmp_path):
+    out = tmp_path / "run"
+    train.main(flags(setup, out, "--max-steps", "1", "--batch-size", "2", "--eval-limit", "1"))
+    assert summary(out)["config"]["router"] is None and summary(out)["adapter"]["router"] == "shapley"
+    assert "shapley" in evaluation.compare([out]).splitlines()[1].split()
+
+
+def test_the_base_is_stored_as_given_and_found_after_a_move(setup, tmp_path, monkeypatch, capsys):
+    """A relative --base stays relative in the config, next to its absolute path: moving the whole
+    project (base and runs) keeps the run loadable from the new place; a base that is gone names --base."""
+    project = tmp_path / "project"
+    (project / "bases" / "tiny").mkdir(parents=True)
+    for f in setup[0].iterdir():
+        (project / "bases" / "tiny" / f.name).write_bytes(f.read_bytes())
+    monkeypatch.chdir(project)
+    train.main(flags((Path("bases/tiny"), setup[1]), "runs/a", "--max-steps", "1", "--batch-size", "2",
+                     "--no-eval"))
+    ckpt = torch.load(project / "runs/a/checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["base"] == "bases/tiny" and ckpt["base_path"] == str(project / "bases/tiny")
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    monkeypatch.chdir(moved)
+    evaluation.main(["--ckpt", "runs/a", "--limit", "1", "--max-new-tokens", "1"])  # bases/tiny, from here
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        common.cli(evaluation.main, ["--ckpt", "moved/runs/a", "--limit", "1"])
+    assert "say where it is now with --base" in capsys.readouterr().err
+    evaluation.main(["--ckpt", "moved/runs/a", "--base", "moved/bases/tiny", "--limit", "1", "--max-new-tokens", "1"])
