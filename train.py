@@ -34,7 +34,7 @@ from model import Transformer
 # cpu: small real bases on a CPU. paper: the paper's recipe (README, Method notes). 0 = no limit.
 PRESETS = {
     "tiny": dict(lr=2e-3, max_steps=400, batch_size=16, grad_accum=1, seq_len=256, warmup=0.03, eval_limit=0),
-    "cpu": dict(lr=2e-4, max_steps=150, batch_size=8, grad_accum=1, seq_len=256, warmup=0.05, eval_limit=100),
+    "cpu": dict(lr=1e-3, max_steps=300, batch_size=8, grad_accum=1, seq_len=256, warmup=0.05, eval_limit=100),
     "paper": dict(lr=2e-4, max_steps=0, batch_size=4, grad_accum=8, seq_len=1024, warmup=0.03, eval_limit=0),
 }
 

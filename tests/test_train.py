@@ -357,12 +357,12 @@ def test_presets_show_in_help_and_follow_the_base(capsys):
     with pytest.raises(SystemExit):
         train.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "tiny 0.002 / cpu 0.0002 / paper 0.0002" in text and "tiny 16 / cpu 8 / paper 4" in text
+    assert "tiny 0.002 / cpu 0.001 / paper 0.0002" in text and "tiny 16 / cpu 8 / paper 4" in text
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in text
     assert train.get_args(["--base", "tiny"]).preset == "tiny"
     assert train.get_args(["--base", "x", "--device", "cpu"]).preset == "cpu"
-    args = train.get_args(["--base", "x", "--device", "cpu", "--lr", "1e-3"])
-    assert (args.lr, args.max_steps, args.batch_size, args.eval_limit) == (1e-3, 150, 8, 100)
+    args = train.get_args(["--base", "x", "--device", "cpu", "--lr", "3e-3"])
+    assert (args.lr, args.max_steps, args.batch_size, args.eval_limit) == (3e-3, 300, 8, 100)
 
 
 # ----------------------------------------------------------------------------- issue 15: a new user's first hour
