@@ -271,13 +271,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
         """Load a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a Hub id."""
         path = resolve_base(path)
-        hf = (path / "config.json").exists()
-        if hf:
-            args, tensors = _hf_checkpoint(path)
-        elif (path / "params.json").exists():
-            args, tensors = _meta_checkpoint(path)
-        else:
-            raise CheckpointNotFound(f"{path}: no checkpoint here (looked for config.json and params.json)")
+        hf, args, tensors = _checkpoint(path)
         with torch.device("meta"):  # shapes only; the checkpoint's tensors become the parameters
             model = cls(args)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -445,11 +439,15 @@ def _meta_checkpoint(path: Path):
 def checkpoint_args(path) -> ModelArgs:
     """The ModelArgs of a checkpoint directory or Hub id, its config checked and its weight files
     found, without reading a weight: the cheap checks to run before a base that loads for minutes."""
-    path = resolve_base(path)
+    return _checkpoint(resolve_base(path))[1]  # HF tensors are read lazily, when iterated; Meta shards mmapped
+
+
+def _checkpoint(path: Path):
+    """(is Hugging Face layout, ModelArgs, iterator of tensors) of a checkpoint directory."""
     if (path / "config.json").exists():
-        return _hf_checkpoint(path)[0]  # its tensors are read lazily, when iterated
+        return (True, *_hf_checkpoint(path))
     if (path / "params.json").exists():
-        return _meta_checkpoint(path)[0]  # the shards are mmapped, not read
+        return (False, *_meta_checkpoint(path))
     raise CheckpointNotFound(f"{path}: no checkpoint here (looked for config.json and params.json)")
 
 
