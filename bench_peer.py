@@ -92,15 +92,15 @@ def main(argv=None):
                 samples[key].append(s)
             print(f"round {round_}{' (warm-up)' * (round_ == 0)} {key[0]} {key[1]}: {s * 1e3:.0f} ms", flush=True)
     print(f"\n{torch.get_num_threads()} threads, batch {args.batch} x {args.seq}, dropout {args.dropout}; "
-          f"median of {args.rounds} interleaved rounds (min-max)")
+          f"median of {args.rounds} interleaved rounds (min-max); ratios: the median of each round's ratio "
+          f"(the same round's steps, a few seconds apart: a shared machine's drift cancels)")
     for step in args.steps.split(","):
-        ref = statistics.median(samples[step, "peer LoRA r32"])
-        lora = statistics.median(samples[step, "project LoRA r32"])
         for label in models:
             s = samples[step, label]
-            med = statistics.median(s)
-            print(f"{step:>3} {label:<24} {med * 1e3:8.0f} ms ({min(s) * 1e3:.0f}-{max(s) * 1e3:.0f})  "
-                  f"x peer {med / ref:.3f}  x project LoRA {med / lora:.3f}")
+            ratio = {ref: statistics.median(a / b for a, b in zip(s, samples[step, ref]))
+                     for ref in ("peer LoRA r32", "project LoRA r32")}
+            print(f"{step:>3} {label:<24} {statistics.median(s) * 1e3:8.0f} ms ({min(s) * 1e3:.0f}-{max(s) * 1e3:.0f})"
+                  f"  x peer {ratio['peer LoRA r32']:.3f}  x project LoRA {ratio['project LoRA r32']:.3f}")
     return samples
 
 
