@@ -1,20 +1,58 @@
-"""What every entry point shares: turning a user's mistake into one line instead of a traceback.
+"""Plumbing that train.py and eval.py share: processes, devices, files, the checkpoint format,
+and turning a user's mistake into one line instead of a traceback.
 
     from common import cli
     if __name__ == "__main__":
-        cli(main)          # main() parses its own flags
-"""
-import sys
+        cli(main)          # main(argv) parses its own flags
 
+A train.py output directory OUT holds (save_checkpoint and read_checkpoint, side by side below):
+
+    adapters.safetensors   the trained tensors: teamlora.adapter_state_dict (--method full: the
+                           whole model's); metadata "step" and "adapter" (JSON)
+    checkpoint.pt          torch.load(..., weights_only=True): what resuming and rebuilding need
+                           config     train.py's flags exactly as parsed (presets resolved)
+                           adapter    teamlora.add_adapters' keyword arguments (None for full)
+                           base_path  the base model's directory as an absolute path (config's
+                                      "base" keeps it as the user gave it: a Hub id, a relative path)
+                           step, train_time, tokens, loss   progress: steps, seconds, input
+                                      tokens of all ranks, the last step's loss
+                           optimizer, scheduler, rng (one dict per rank), data {"examples_seen"}
+"""
+import gc
+import json
+import os
+import sys
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import data
+import teamlora
 from data import DataError
-from model import CheckpointError
+from model import CheckpointError, Transformer, checkpoint_args, load_tokenizer, resolve_base
+
+ADAPTERS, CHECKPOINT = "adapters.safetensors", "checkpoint.pt"
+# Everything train.py and eval.py write into OUT: what train.py --overwrite removes first.
+OUTPUTS = (ADAPTERS, CHECKPOINT, "log.jsonl", "summary.json", "eval.json", "predictions.jsonl", "routing.png")
+# train.py flags that say how a run is carried out, not what it computes: a resume may change
+# them, and eval.py --compare ignores them (and the seed) when it groups runs into one setup.
+RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "grad_checkpoint", "save_every", "eval_limit",
+            "no_eval", "timeout")
+
+# ----------------------------------------------------------------------------- user errors
 
 
 class UserError(ValueError):
     """A flag, path or run directory that cannot be used (a user's mistake, not a bug)."""
 
 
-USER_ERRORS = (UserError, DataError, CheckpointError)  # anything else is a bug and keeps its traceback
+# Anything else is a bug and keeps its traceback. FileNotFoundError: a path the user named is missing.
+USER_ERRORS = (UserError, DataError, CheckpointError, FileNotFoundError)
 
 
 def cli(main, argv=None):
@@ -24,3 +62,193 @@ def cli(main, argv=None):
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- processes and devices
+
+
+def default_device(device=None):
+    """The device to run on: `device` if given, else cuda when there is a GPU, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@contextmanager
+def distributed(device=None, timeout_min=30.0):
+    """with distributed() as (rank, world, device): under torchrun (RANK set) one process per GPU
+    with nccl, or gloo on CPUs; collectives give up after timeout_min minutes on a dead rank.
+    Without torchrun: one process, no process group. The group is destroyed however the body ends."""
+    if "RANK" not in os.environ:
+        yield 0, 1, default_device(device)
+        return
+    dev = torch.device("cpu")
+    if default_device(device).type == "cuda":
+        dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
+    try:
+        yield dist.get_rank(), dist.get_world_size(), dev
+    finally:
+        # A finished DDP wrapper lingers in a reference cycle; destroying the group under it makes
+        # some processes abort at exit ("terminate called without an active exception").
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def is_main():
+    """True on the process that logs and writes files (rank 0, or the only process)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t, device):
+    """t summed over ranks, as a tensor on `device` (nccl reduces GPU tensors only); t if not distributed."""
+    if not dist.is_initialized():
+        return t
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _write_tmp(obj, path, metadata=None):
+    """Write obj next to path under a temporary name: text (a str), a safetensors file (path ends
+    in .safetensors: a dict of tensors) or any torch object. Returns the temporary path."""
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    elif path.suffix == ".safetensors":
+        save_file(obj, tmp, metadata)
+    else:
+        torch.save(obj, tmp)
+    return tmp
+
+
+def atomic_save(obj, path):
+    """Write obj (see _write_tmp) under a temporary name, then rename: a crash mid-write never
+    leaves a broken file, and a reader never sees half of one."""
+    path = Path(path)
+    os.replace(_write_tmp(obj, path), path)
+
+
+# ----------------------------------------------------------------------------- the checkpoint format
+
+
+def trained_tensors(model, adapter):
+    """What adapters.safetensors holds: the adapter tensors, or for full fine-tuning (adapter None)
+    every tensor of the model, a tied output layer once (safetensors stores no shared tensors)."""
+    if adapter is not None:
+        return teamlora.adapter_state_dict(model)
+    state = model.state_dict()
+    if model.args.tie_embeddings:
+        state.pop("output.weight")
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(out, tensors, state):
+    """Write OUT/adapters.safetensors (tensors) and OUT/checkpoint.pt (state), both complete under
+    temporary names before either is renamed; read_checkpoint mends a crash between the renames."""
+    out = Path(out)
+    meta = {"step": str(state["step"]), "adapter": json.dumps(state["adapter"])}
+    tmp_tensors, tmp_state = _write_tmp(tensors, out / ADAPTERS, meta), _write_tmp(state, out / CHECKPOINT)
+    os.replace(tmp_tensors, out / ADAPTERS)
+    os.replace(tmp_state, out / CHECKPOINT)
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
+
+
+def read_checkpoint(out):
+    """checkpoint.pt's dict plus "tensors" (adapters.safetensors). A checkpoint.pt of the older
+    single-file format (adapters inside, flat config) comes back in the same shape, with "legacy"."""
+    out = Path(out)
+    if not (out / CHECKPOINT).exists():
+        raise CheckpointError(f"{out}: no {CHECKPOINT} (is it a train.py output directory?)")
+    ckpt = _torch_load(out / CHECKPOINT)
+    if "adapter" not in ckpt:
+        return _legacy(ckpt)
+    try:
+        with safe_open(str(out / ADAPTERS), framework="pt") as f:
+            step, tensors = int(f.metadata()["step"]), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{out / ADAPTERS}: missing or unreadable ({e})") from e
+    if step != ckpt["step"]:  # save_checkpoint died between its renames: the new state is still in .tmp
+        pending = out / (CHECKPOINT + ".tmp")
+        ckpt = _torch_load(pending) if pending.exists() else ckpt
+        if step != ckpt["step"]:
+            raise CheckpointError(f"{out}: {ADAPTERS} is from step {step}, {CHECKPOINT} from step {ckpt['step']}")
+    return {**ckpt, "tensors": tensors}
+
+
+def _legacy(ckpt):
+    """The format before adapters.safetensors: config held the adapter flags and the resolved base."""
+    config = ckpt["config"]
+    adapter = None
+    if config["method"] != "full":
+        adapter = {k: config[k] for k in ("method", "rank", "experts", "alpha", "dropout", "targets")}
+        if config.get("router"):  # None meant "the method's own", which add_adapters picks
+            adapter["router"] = config["router"]
+    tensors = ckpt["model"] if adapter is None else ckpt["adapters"]
+    return {**ckpt, "adapter": adapter, "base_path": config["base"], "tensors": tensors, "legacy": True}
+
+
+def base_dir(name):
+    """The directory of a --base: the built-in tiny base for "tiny", else a checkpoint directory or
+    a Hub id fetched into the Hugging Face cache (model.resolve_base)."""
+    return data.TINY_BASE if name == "tiny" else resolve_base(name)
+
+
+def check_base(path):
+    """(tokenizer, ModelArgs) of a base directory, read without a single weight: the tokenizer
+    loads, the config is one model.py supports, the weight files are there. Entry points call it
+    before Transformer.from_pretrained, which takes minutes for a 7B base."""
+    return load_tokenizer(path), checkpoint_args(path)
+
+
+def open_run(out_dir, base=None):
+    """(checkpoint, base directory, tokenizer) of a train.py output directory, its base checked
+    (check_base) but not loaded. base: where the base model is now, if it moved since training
+    (a --base value). Else the absolute path stored at training, then the base as the user gave
+    it: a relative path from here, a Hub id fetched again."""
+    ckpt = read_checkpoint(out_dir)
+    path = Path(ckpt["base_path"])
+    if base:
+        path = base_dir(base)
+    elif not path.is_dir():  # moved, or trained on another machine
+        try:
+            path = base_dir(ckpt["config"]["base"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{out_dir}: its base is gone ({e}); say where it is now with --base") from None
+    return ckpt, path, check_base(path)[0]
+
+
+def load_model(ckpt, path, device="cpu", dtype=torch.float32):
+    """The base model at path with a checkpoint's trained tensors (adapters, or the fully
+    fine-tuned weights), in eval mode."""
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    try:
+        if ckpt["adapter"] is None:
+            missing, unexpected = model.load_state_dict(ckpt["tensors"], strict=False)
+            if unexpected or set(missing) - {"output.weight"}:  # a tied output layer is stored once
+                raise ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        else:
+            teamlora.add_adapters(model, **ckpt["adapter"])
+            teamlora.load_adapter_state_dict(model, ckpt["tensors"])
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"the run's trained tensors do not fit the base {path}: {e}") from e
+    return model.to(device).eval()
+
+
+def load_run(out_dir, device="cpu", dtype=torch.float32, base=None):
+    """(model, tokenizer, config) of a train.py output directory: open_run, then load_model."""
+    ckpt, path, tok = open_run(out_dir, base)
+    return load_model(ckpt, path, device, dtype), tok, ckpt["config"]

@@ -345,15 +345,17 @@ class TaskDataset:
 
 
 def collate(items, pad_id: int) -> dict:
-    """Right-pad a list of dataset items to the longest: tokens with pad_id, targets with IGNORE."""
+    """Right-pad a list of dataset items to the longest: tokens with pad_id, targets with IGNORE;
+    mask is true on real tokens (pad_id may be eos_id, so padding is told by length, not by id)."""
     T = max(len(x) for x, _, _ in items)
     tokens = torch.full((len(items), T), pad_id, dtype=torch.long)  # (B, T)
     targets = torch.full((len(items), T), IGNORE, dtype=torch.long)  # (B, T)
     for i, (x, y, _) in enumerate(items):
         tokens[i, :len(x)] = torch.tensor(x)
         targets[i, :len(y)] = torch.tensor(y)
+    mask = torch.arange(T) < torch.tensor([len(x) for x, _, _ in items])[:, None]  # (B, T)
     task = torch.tensor([t for _, _, t in items], dtype=torch.long)  # (B,)
-    return dict(tokens=tokens, targets=targets, task=task)
+    return dict(tokens=tokens, targets=targets, mask=mask, task=task)
 
 
 # ----------------------------------------------------------------------------- task sampling
@@ -479,6 +481,52 @@ def lm_batch(stream: torch.Tensor, batch_size: int, seq_len: int, generator: tor
     start = torch.randint(len(stream) - seq_len, (batch_size, 1), generator=generator)  # (B, 1)
     idx = start + torch.arange(seq_len)  # (B, T)
     return stream[idx], stream[idx + 1]
+
+
+# ----------------------------------------------------------------------------- the built-in tiny base
+
+TINY_BASE = Path(os.environ.get("TEAMLORA_CACHE", Path(__file__).parent / "cache")) / "tiny-base"
+# ~4.5M parameters; README says how it was chosen
+TINY = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=4096, hidden_dim=688, max_seq_len=512,
+            tie_embeddings=True)
+
+
+def tiny_base(steps: int = 700, device="cpu") -> Path:
+    """`--base tiny`: a SentencePiece tokenizer and a 4-layer LLaMA, every weight trained by
+    next-token loss on pretraining_texts() of the built-in mixture; built on first use and
+    cached in TINY_BASE. Returns that directory."""
+    if (TINY_BASE / "params.json").exists():
+        return TINY_BASE
+    import math
+    import time
+
+    from tqdm import tqdm
+
+    from model import ModelArgs, Transformer, load_tokenizer  # only the tiny base needs the model
+
+    t0 = time.time()
+    texts = list(pretraining_texts(load_mixture(None)[0]))
+    train_tokenizer(texts, TINY_BASE / "tokenizer", vocab_size=TINY["vocab_size"])
+    stream = lm_stream(load_tokenizer(TINY_BASE), texts)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**TINY)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(0)
+    for step in (bar := tqdm(range(steps), desc="pretraining tiny base", dynamic_ncols=True)):
+        # peak 3e-3, linear warm-up over 50 steps, then cosine decay to 0
+        warm, cos = (step + 1) / 50, 0.5 * (1 + math.cos(math.pi * (max(0, step - 50) / max(1, steps - 50))))
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(warm, cos)
+        x, y = lm_batch(stream, 16, 128, gen)
+        loss = torch.nn.functional.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.save_pretrained(TINY_BASE)  # params.json last, so a crash leaves no half-built cache
+    print(f"tiny base: {stream.numel():,} tokens, final loss {loss.item():.3f}, {time.time() - t0:.0f} s -> {TINY_BASE}")
+    return TINY_BASE
 
 
 # ----------------------------------------------------------------------------- checking a mixture

@@ -1,7 +1,7 @@
 """Evaluate a fine-tuned run on its mixture's test split: per-task scores, the majority-class
 baseline, and how the routed experts share the work of each task.
 
-    python eval.py --ckpt runs/teamlora                   # prints the tables, writes runs/teamlora/eval.json
+    python eval.py --ckpt runs/teamlora                   # prints the tables, writes eval.json and predictions
     torchrun --nproc_per_node 8 eval.py --ckpt runs/teamlora --data my_mix/
     python eval.py --compare runs/lora runs/teamlora      # one row per run
 
@@ -9,15 +9,20 @@ A task with choices is scored by likelihood: every choice is appended to the pro
 answer, and the one whose answer tokens + EOS are most probable wins (accuracy, macro-F1). A task
 without choices is answered by greedy generation (exact match, ROUGE-L). The average is the mean
 over tasks of each task's headline score (accuracy, or exact match), as the paper averages them.
-Under torchrun each rank scores examples[rank::world]; counts are summed with all_reduce.
+The majority-class baseline always gives a task's most frequent training answer, scored on the
+test split (tasks with choices only). Under torchrun each rank scores examples[rank::world];
+counts are summed with all_reduce.
+
+--ckpt OUT writes OUT/eval.json (the tables' numbers, and the data and limit they come from),
+OUT/predictions.jsonl (one line per test example: task, input, gold, predicted, score = the
+chosen choice's log-likelihood or the answer's ROUGE-L, correct) and, for routed methods with
+matplotlib installed, OUT/routing.png; train.py's final evaluation writes the same three files.
 """
 import argparse
 import json
 import math
-import os
 import warnings
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
@@ -25,7 +30,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import common
 import teamlora
+from common import UserError, cli
 from data import IGNORE, collate, encode_example, load_mixture
 
 # ----------------------------------------------------------------------------- metrics
@@ -36,13 +43,7 @@ def _normalize(s):
     return " ".join(s.split()).casefold()
 
 
-def accuracy(pred, gold):
-    if len(pred) != len(gold):
-        raise ValueError(f"{len(pred)} predictions for {len(gold)} gold labels")
-    return sum(p == g for p, g in zip(pred, gold)) / len(gold) if gold else 0.0
-
-
-def _confusion(pred, gold, labels):
+def confusion(pred, gold, labels):
     """(L, L) counts, row = gold label, column = predicted label; float64 so ranks can all_reduce it."""
     index = {label: i for i, label in enumerate(labels)}
     cm = torch.zeros(len(labels), len(labels), dtype=torch.float64)
@@ -53,16 +54,16 @@ def _confusion(pred, gold, labels):
     return cm
 
 
-def _macro_f1(cm):
+def accuracy(cm):
+    return (cm.trace() / cm.sum()).item()
+
+
+def macro_f1(cm):
     """Mean over labels of F1 = 2 TP / (2 TP + FP + FN); a label never gold nor predicted is skipped."""
     tp = cm.diag()
     fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
     seen = tp + fp + fn > 0
     return (2 * tp / (2 * tp + fp + fn).clamp(min=1))[seen].mean().item() if seen.any() else 0.0
-
-
-def macro_f1(pred, gold, labels):
-    return _macro_f1(_confusion(pred, gold, labels))
 
 
 def exact_match(pred, gold):
@@ -261,21 +262,45 @@ def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None
 
 
 def _all_reduce(t, model):
-    """Sum a CPU tensor over ranks (on the model's device under nccl, which cannot reduce CPU tensors)."""
-    if not dist.is_initialized():
-        return t
-    device = _device(model) if dist.get_backend() == "nccl" else "cpu"
-    t = t.to(device)
-    dist.all_reduce(t)
-    return t.cpu()
+    """A CPU tensor summed over ranks (the collective runs on the model's device)."""
+    return common.all_reduce(t, _device(model)).cpu()
+
+
+def majority_labels(train):
+    """The majority-class baseline's answer of each task with choices: its most frequent training
+    answer (ties: the one seen first). Tasks without choices have none: with answers that are
+    mostly unique, always giving the most frequent one measures nothing."""
+    return {task: Counter(ex.output for ex in train if ex.task == task).most_common(1)[0][0]
+            for task in dict.fromkeys(ex.task for ex in train if ex.choices)}
+
+
+def _prediction(ex, predicted, score):
+    """One line of predictions.jsonl. score: the chosen choice's log-likelihood, or ROUGE-L."""
+    correct = predicted == ex.output if ex.choices else bool(exact_match(predicted, ex.output))
+    return {"task": ex.task, "input": ex.input, "gold": ex.output, "predicted": predicted, "score": score,
+            "correct": correct}
+
+
+def _gather(items, world):
+    """items[i] belongs to example rank + i * world (each rank holds its examples[rank::world]):
+    every rank's items, on every rank, back in the examples' order."""
+    if world == 1:
+        return items
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return [p[i] for i in range(len(parts[0])) for p in parts if i < len(p)]
 
 
 @torch.no_grad()
-def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, limit=None, routing=True):
+def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, limit=None, routing=True,
+             majority=None, predictions=None):
     """Scores per task, their average, the majority-class baseline and (routing=True) routing_by_task.
 
-    limit: at most that many examples per task, the first ones. Every rank passes the same examples
-    and gets the same dict back; each scores examples[rank::world] and counts are all_reduced.
+    limit: at most that many examples per task, the first ones. majority: {task: answer}, the
+    baseline's answers (majority_labels of the training split); a task without one scores None.
+    predictions: a list to extend with one dict per evaluated example (_prediction), task by task
+    in the examples' order (every rank passes one: they are gathered). Every rank passes the same
+    examples and gets the same dict back; each scores examples[rank::world], counts are all_reduced.
     """
     by_task = {}
     for ex in examples:
@@ -283,55 +308,74 @@ def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, li
         if limit is None or len(group) < limit:
             group.append(ex)
     tasks = sorted(by_task)
+    majority = majority or {}
     rank, world = _rank_world()
     was_training = model.training
     model.eval()
     try:
         counts = []  # per task: a flattened confusion matrix, or [n, exact-match sum, ROUGE-L sum]
         routed = {}  # routing sums that choice scoring collects on its way (routing_by_task's collected)
+        my_predictions = []  # per task, this rank's _prediction dicts
         for task in tasks:
             exs, mine = by_task[task], by_task[task][rank::world]
             gold = [ex.output for ex in mine]
             if exs[0].choices:
                 labels = list(dict.fromkeys(c for ex in exs for c in ex.choices))  # the same on every rank
-                picked = score_choices(model, tok, mine, seq_len, batch_size, routed if routing else None)
-                counts.append(_confusion([ex.choices[i] for ex, i in zip(mine, picked)], gold, labels).flatten())
+                scored = choice_scores(model, tok, mine, seq_len, batch_size, routed if routing else None)
+                picked = [max(range(len(s)), key=s.__getitem__) for s in scored]  # as score_choices picks
+                answers = [ex.choices[i] for ex, i in zip(mine, picked)]
+                counts.append(confusion(answers, gold, labels).flatten())
+                per_example = [s[i] for s, i in zip(scored, picked)]  # the chosen choice's log-likelihood
             else:
                 answers = generate_answers(model, tok, mine, seq_len, max_new_tokens, batch_size)
-                counts.append(torch.tensor([len(mine), sum(map(exact_match, answers, gold)),
-                                            sum(map(rouge_l, answers, gold))], dtype=torch.float64))
+                per_example = list(map(rouge_l, answers, gold))
+                counts.append(torch.tensor([len(mine), sum(map(exact_match, answers, gold)), sum(per_example)],
+                                           dtype=torch.float64))
+            my_predictions.append(list(map(_prediction, mine, answers, per_example)))
         counts = _all_reduce(torch.cat(counts), model).split([len(c) for c in counts]) if counts else []
         scores = {}
         for task, c in zip(tasks, counts):
             if by_task[task][0].choices:
                 cm = c.view(math.isqrt(len(c)), -1)
-                scores[task] = {"n": int(cm.sum()), "accuracy": (cm.trace() / cm.sum()).item(),
-                                "macro_f1": _macro_f1(cm)}
+                scores[task] = {"n": int(cm.sum()), "accuracy": accuracy(cm), "macro_f1": macro_f1(cm)}
             else:
                 scores[task] = {"n": int(c[0]), "exact_match": (c[1] / c[0]).item(), "rouge_l": (c[2] / c[0]).item()}
-        # The baseline a model must beat: always answer the task's most frequent gold output.
-        majority = {t: Counter(ex.output for ex in by_task[t]).most_common(1)[0][1] / len(by_task[t]) for t in tasks}
+        # The baseline a model must beat: always give the task's most frequent training answer.
+        always = {t: majority.get(t) for t in tasks}
+        baseline = {t: None if a is None else sum(ex.output == a for ex in by_task[t]) / len(by_task[t])
+                    for t, a in always.items()}
         results = {"average": _mean(headline(s) for s in scores.values()), "tasks": scores,
-                   "majority": {"average": _mean(majority.values()), "tasks": majority},
+                   "majority": {"average": _mean(baseline.values()), "tasks": baseline, "answers": always},
                    "routing": routing_by_task(model, tok, [ex for t in tasks for ex in by_task[t]], seq_len,
                                               batch_size, routed) if routing else {}}
+        if predictions is not None:
+            predictions.extend(p for mine in my_predictions for p in _gather(mine, world))
     finally:
         model.train(was_training)
     return results
 
 
 def _mean(values):
+    """The mean; None when there are no values, or when one is None (an average over fewer tasks
+    would not compare with the others)."""
     values = list(values)
-    return sum(values) / len(values) if values else None
+    return sum(values) / len(values) if values and None not in values else None
 
 
 # ----------------------------------------------------------------------------- tables
 
 
+def _cell(c):
+    if isinstance(c, str):
+        return c
+    if c is None:
+        return "-"
+    return f"{c:.3f}" if isinstance(c, float) else str(c)
+
+
 def _table(header, rows):
     """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
-    cells = [[c if isinstance(c, str) else "-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)
-              for c in row] for row in [header] + rows]
+    cells = [[_cell(c) for c in row] for row in [header] + rows]
     width = [max(len(r[i]) for r in cells) for i in range(len(header))]
     left = [all(isinstance(row[i], str) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if lf else c.rjust(w) for c, w, lf in zip(r, width, left)).rstrip()
@@ -345,15 +389,37 @@ def format_table(results):
     rows.append(["average", sum(s["n"] for s in results["tasks"].values()), results["average"],
                  results["majority"]["average"], None, None])
     text = (_table(["task", "n", "score", "majority", "macro_f1", "rouge_l"], rows) +
-            "\nscore: accuracy (choices) or exact match (generated); majority: always the most frequent answer")
+            "\nscore: accuracy (choices) or exact match (generated); majority: always giving the task's most "
+            "frequent training answer (tasks with choices only)")
     routing = results.get("routing") or {}
     if routing:
         k = len(next(iter(routing.values()))["mean"])
         rows = [[t, *r["mean"], r["entropy"], r["load_entropy"]] for t, r in routing.items()]
-        text += (f"\n\nrouting: mean share of each expert over layers and real tokens; entropies in nats "
-                 f"(even split: {math.log(k):.3f})\n"
-                 + _table(["task", *(f"e{i}" for i in range(k)), "entropy", "load_entropy"], rows))
+        text += ("\n\nrouting: mean share of each expert over layers and real tokens\n"
+                 + _table(["task", *(f"e{i}" for i in range(k)), "entropy", "load_entropy"], rows)
+                 + "\nentropy: each token's routing entropy, averaged (low: a token leans on few experts); "
+                 "load_entropy: the entropy of the task's mean shares (low: the task as a whole uses few experts)"
+                 f"\nboth in nats, at most log k = {math.log(k):.3f} (k = {k} experts), reached when the weight is "
+                 "spread evenly")
     return text
+
+
+def write_results(out, results, predictions):
+    """Print the tables and write OUT/eval.json, OUT/predictions.jsonl and (routed methods, with
+    matplotlib) OUT/routing.png, each replacing an earlier one; says where each went."""
+    out = Path(out)
+    replaced = (out / "eval.json").exists()
+    common.atomic_save(json.dumps(results, indent=1), out / "eval.json")
+    common.atomic_save("".join(json.dumps(p) + "\n" for p in predictions), out / "predictions.jsonl")
+    print(format_table(results))
+    if results["routing"]:
+        try:
+            save_heatmap(results["routing"], out / "routing.png")
+            print(f"routing heatmap -> {out / 'routing.png'}")
+        except ImportError:
+            print("matplotlib is not installed: routing.png skipped (pip install matplotlib)")
+    print(f"scores -> {out / 'eval.json'}{' (replacing the earlier evaluation)' if replaced else ''}; "
+          f"one line per test example -> {out / 'predictions.jsonl'}")
 
 
 def save_heatmap(routing, path):
@@ -390,137 +456,126 @@ def _read_json(path):
 def _mean_sd(values, digits=3):
     """'mean ± sd' over seeds (sample sd), or the value itself for one run."""
     values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return (values[0] if digits else round(values[0])) if values else None
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0] if digits else round(values[0])
     m = sum(values) / len(values)
     return f"{m:.{digits}f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)):.{digits}f}"
 
 
+def _setup(summary, evaluation, path):
+    """What makes two runs one setup: every flag but the seed and those that only say how it ran,
+    and the same test examples (data and number per task)."""
+    if "config" not in summary:
+        raise UserError(f"{path}: no config (written by an older train.py); retrain to compare it")
+    flags = {k: v for k, v in summary["config"].items() if k not in common.RUN_ONLY + ("seed",)}
+    tested = {"data": evaluation.get("data"), "n": {t: s["n"] for t, s in evaluation["tasks"].items()}}
+    return json.dumps([flags, tested], sort_keys=True)
+
+
+def _router(summary):
+    """The router a run used: summary.json's adapter config says (older summaries: the flag, or
+    "default" for the method's own); "-" for methods without one."""
+    if summary["config"]["method"] in ("lora", "full"):
+        return "-"
+    return (summary.get("adapter") or {}).get("router") or summary["config"].get("router") or "default"
+
+
 def compare(out_dirs):
-    """One row per setup (summary.json + eval.json): runs whose summaries differ only in the seed
-    become one row, each number their mean ± sd. Columns: setup, cost, average, per-task scores."""
+    """One row per setup (summary.json + eval.json): runs that differ only in the seed become one
+    row, each number their mean ± sd. Columns: setup, cost, test examples, average, per-task
+    scores. Then the majority baseline from the runs' own evaluations: one row, or one row per
+    group of runs when they were tested on different examples."""
     runs = [(Path(d), _read_json(Path(d) / "summary.json"), _read_json(Path(d) / "eval.json")) for d in out_dirs]
     tasks = sorted({t for _, _, e in runs for t in e["tasks"]})
     groups = {}
     for d, s, e in runs:
-        key = json.dumps({k: v for k, v in s.items() if k in SETUP}, sort_keys=True)
-        groups.setdefault(key, []).append((d, s, e))
+        groups.setdefault(_setup(s, e, d / "summary.json"), []).append((d, s, e))
     rows = []
     for group in groups.values():
-        d, s, _ = group[0]
-        routed = s["method"] not in ("lora", "full")
-        label = str(d) if len(group) == 1 else f"{d} (+{len(group) - 1} seeds)"
-        col = lambda f, digits=3: _mean_sd([f(s, e) for _, s, e in group], digits)  # noqa: E731
-        rows.append([label, s["method"], s["rank"], s["experts"] if routed else None,
-                     (s["router"] or "default") if routed else "-", s["trainable_pct"],
-                     col(lambda s, e: s["train_time_s"], 0), col(lambda s, e: s["tokens_per_s"], 0),
-                     col(lambda s, e: e["average"]),
+        d, s, e = group[0]
+        c = s["config"]
+
+        def col(f, digits=3, group=group):
+            return _mean_sd([f(s, e) for _, s, e in group], digits)
+
+        rows.append([str(d) if len(group) == 1 else f"{d} (+{len(group) - 1} seeds)", c.get("base") or "-",
+                     c["method"], c["rank"], c["experts"] if _router(s) != "-" else None, _router(s),
+                     s["trainable_pct"], col(lambda s, e: s["train_time_s"], 0), col(lambda s, e: s["tokens_per_s"], 0),
+                     _n(e), col(lambda s, e: e["average"]),
                      *(col(lambda s, e, t=t: headline(e["tasks"][t]) if t in e["tasks"] else None) for t in tasks)])
-    majority = runs[0][2]["majority"]
-    rows.append(["majority class", "", None, None, "", None, None, None, majority["average"],
-                 *(majority["tasks"].get(t) for t in tasks)])
-    header = ["run", "method", "rank", "experts", "router", "trainable%", "time_s", "tokens/s", "average", *tasks]
-    return _table(header, rows) + ("\nscores: accuracy (choice tasks) or exact match; trainable% of the base; "
-                                   "mean ± sd over runs that differ only in the seed")
+    baselines = {}  # the runs' majority rows, one per distinct baseline
+    for d, _, e in runs:
+        baselines.setdefault(json.dumps([e["majority"], _n(e)], sort_keys=True), []).append(d)
+    for key, dirs in baselines.items():
+        majority, n = json.loads(key)
+        name = "majority class" if len(baselines) == 1 else f"majority class of {', '.join(map(str, dirs))}"
+        rows.append([name, "", "", None, None, "", None, None, None, n, majority["average"],
+                     *(majority["tasks"].get(t) for t in tasks)])
+    header = ["run", "base", "method", "rank", "experts", "router", "trainable%", "time_s", "tokens/s", "n",
+              "average", *tasks]
+    notes = ["scores: accuracy (choice tasks) or exact match; trainable% of the base; n: test examples scored; "
+             "mean ± sd over runs that differ only in the seed",
+             "majority class: always the most frequent training answer of each task with choices"]
+    if len(baselines) > 1:
+        notes.append("the runs were tested on different examples (data or --limit): one majority row for each")
+    return _table(header, rows) + "".join("\n" + note for note in notes)
 
 
-# what makes two runs the same setup in --compare (the seed is deliberately not here)
-SETUP = ("method", "rank", "experts", "router", "targets", "alpha", "lr", "steps", "base", "data")
-
-
-# ----------------------------------------------------------------------------- processes and files
-
-
-def setup_distributed(device=None, timeout_min=30.0):  # train.py uses this and atomic_save too
-    """(rank, world, device). Under torchrun (RANK set): one process per GPU with nccl, else gloo on
-    CPUs; collectives give up after timeout_min minutes on a dead rank. Otherwise world size 1."""
-    if "RANK" in os.environ:
-        cuda = torch.cuda.is_available() and device in (None, "cuda")
-        dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min))
-        return dist.get_rank(), dist.get_world_size(), dev
-    return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def atomic_save(obj, path):
-    """Write text (a str) or torch.save anything else to a temporary name, then rename: a crash
-    mid-write never leaves a broken file, and a reader never sees half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _n(evaluation):
+    """The number of test examples an evaluation scored."""
+    return sum(s["n"] for s in evaluation["tasks"].values())
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-def load_checkpoint(out_dir, device="cpu", dtype=torch.float32, base=None):
-    """(model, tok, config) from a train.py output directory: base + adapters (or the full model), eval mode.
-    base: another copy of the run's base (default: the one in its config)."""
-    from model import Transformer, load_tokenizer  # the model is only needed here; the metrics stand alone
-
-    ckpt = torch.load(Path(out_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    config = ckpt["config"]
-    base = base or config["base"]
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    if config["method"] == "full":
-        model.load_state_dict(ckpt["model"])
-    else:
-        teamlora.add_adapters(model, config["method"], config["rank"], config["experts"], config["alpha"],
-                              config["dropout"], config["targets"], config["router"])
-        teamlora.load_adapter_state_dict(model, ckpt["adapters"])
-    return model.to(device).eval(), load_tokenizer(base), config
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ckpt", help="a train.py output directory")
+    what.add_argument("--ckpt", metavar="OUT", help="a train.py output directory: prints the tables and writes "
+                      "OUT/eval.json (what --compare reads), OUT/predictions.jsonl and OUT/routing.png, replacing "
+                      "those of the final evaluation in training or of an earlier eval.py")
     what.add_argument("--compare", nargs="+", metavar="OUT", help="print one row per evaluated run")
-    p.add_argument("--data", default=None, help="mixture to test on (default: the one the run trained on)")
-    p.add_argument("--limit", type=int, default=None, help="at most N test examples per task")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--data", help="mixture to test on; its train split gives the majority baseline "
+                   "(default: the one the run trained on)")
+    p.add_argument("--base", help="where the base model is now, if it moved since training (default: where it was)")
+    p.add_argument("--limit", type=int, default=0, help="at most N test examples per task; 0 = all, as train.py's "
+                   "--eval-limit (default: 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices (default: 32)")
+    p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     p.add_argument("--export", metavar="DIR", help="instead of evaluating, write the run's adapters for "
                    "Hugging Face models (LoRA: a PEFT directory; see export.py)")
     args = p.parse_args(argv)
+    if args.limit < 0:
+        p.error("--limit cannot be negative")
     if args.export:
         if not args.ckpt:
             p.error("--export needs --ckpt OUT")
         from export import export_adapters
-        model, _, config = load_checkpoint(args.ckpt)  # CPU, float32: the adapters as trained
+        model, _, config = common.load_run(args.ckpt, base=args.base)  # CPU, float32: the adapters as trained
         export_adapters(model, config, args.export)
         return
     if args.compare:
-        try:
-            print(compare(args.compare))
-        except FileNotFoundError as e:
-            p.error(str(e))
+        print(compare(args.compare))
         return
-    rank, _, device = setup_distributed(args.device)
-    try:
+    with common.distributed(args.device) as (rank, _, device):
+        ckpt, base, tok = common.open_run(args.ckpt, args.base)  # the checks first, then the weights
+        config = ckpt["config"]
+        data = args.data or config["data"]
+        train, test = load_mixture(data)
+        if not test:
+            raise UserError(f"no test split in {data}: nothing to evaluate (--data names a mixture with one)")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
-        model, tok, config = load_checkpoint(args.ckpt, device, dtype)
-        _, test = load_mixture(args.data or config["data"])
-        results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens, args.limit)
+        model = common.load_model(ckpt, base, device, dtype)
+        predictions = []
+        results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens,
+                           args.limit or None, majority=majority_labels(train), predictions=predictions)
         if rank == 0:
-            out = Path(args.ckpt)
-            atomic_save(json.dumps(results, indent=1), out / "eval.json")
-            print(format_table(results))
-            if results["routing"]:
-                try:
-                    save_heatmap(results["routing"], out / "routing.png")
-                    print(f"routing heatmap -> {out / 'routing.png'}")
-                except ImportError:
-                    print("matplotlib is not installed: routing.png skipped (pip install matplotlib)")
-            print(f"-> {out / 'eval.json'}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            write_results(args.ckpt, {**results, "data": data, "limit": args.limit or None}, predictions)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

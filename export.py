@@ -67,7 +67,7 @@ def hf_adapter_state(model) -> dict:
 
 
 def export_adapters(model, config, out_dir) -> Path:
-    """Write the adapters of `model` (built by eval.load_checkpoint from the run's `config`) to out_dir."""
+    """Write the adapters of `model` (built by common.load_run from the run's `config`) to out_dir."""
     layers = teamlora.adapter_layers(model)
     if not layers:
         raise UserError(f"--export: the run fine-tuned every weight (--method {config['method']}); "

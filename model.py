@@ -271,13 +271,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
         """Load a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a Hub id."""
         path = resolve_base(path)
-        hf = (path / "config.json").exists()
-        if hf:
-            args, tensors = _hf_checkpoint(path)
-        elif (path / "params.json").exists():
-            args, tensors = _meta_checkpoint(path)
-        else:
-            raise CheckpointNotFound(f"{path}: no checkpoint here (looked for config.json and params.json)")
+        hf, args, tensors = _checkpoint(path)
         with torch.device("meta"):  # shapes only; the checkpoint's tensors become the parameters
             model = cls(args)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -442,6 +436,21 @@ def _meta_checkpoint(path: Path):
     return args, tensors()
 
 
+def checkpoint_args(path) -> ModelArgs:
+    """The ModelArgs of a checkpoint directory or Hub id, its config checked and its weight files
+    found, without reading a weight: the cheap checks to run before a base that loads for minutes."""
+    return _checkpoint(resolve_base(path))[1]  # HF tensors are read lazily, when iterated; Meta shards mmapped
+
+
+def _checkpoint(path: Path):
+    """(is Hugging Face layout, ModelArgs, iterator of tensors) of a checkpoint directory."""
+    if (path / "config.json").exists():
+        return (True, *_hf_checkpoint(path))
+    if (path / "params.json").exists():
+        return (False, *_meta_checkpoint(path))
+    raise CheckpointNotFound(f"{path}: no checkpoint here (looked for config.json and params.json)")
+
+
 def _read(file: Path):
     """(name, tensor) pairs of one safetensors or pickled-torch file; a damaged file names itself."""
     try:
@@ -466,7 +475,10 @@ class Tokenizer:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
                 raise CheckpointError(f"{path} needs the tokenizers package: pip install tokenizers") from None
-            tok = HFTokenizer.from_file(str(path))
+            try:
+                tok = HFTokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception for a damaged file
+                raise CheckpointError(f"{path}: not a readable tokenizer ({e})") from e
             config_file = path.parent / "tokenizer_config.json"
             config = json.loads(config_file.read_text()) if config_file.exists() else {}
 
@@ -572,10 +584,11 @@ def main(argv=None):
     gpu = torch.cuda.is_available()
     dtype, device = (torch.bfloat16, "cuda") if gpu else (torch.float32, "cpu")
     if args.adapters:  # imported here: without --adapters model.py needs nothing else from the project
-        from eval import load_checkpoint
-        model, tokenizer, _ = load_checkpoint(args.adapters, device, dtype, base=args.checkpoint)
-    else:
-        model, tokenizer = Transformer.from_pretrained(args.checkpoint, dtype, device), load_tokenizer(args.checkpoint)
+        from common import load_run
+        model, tokenizer, _ = load_run(args.adapters, device, dtype, base=args.checkpoint)
+    else:  # the tokenizer first: a broken one is reported before the weights load
+        tokenizer = load_tokenizer(args.checkpoint)
+        model = Transformer.from_pretrained(args.checkpoint, dtype, device)
     prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
     [new] = model.generate([prompt], args.max_new_tokens, eos_id=tokenizer.eos_id)  # greedy
     print(args.prompt + tokenizer.decode(new))

@@ -1,17 +1,17 @@
 """Fine-tune a LLaMA on a multi-task mixture with TeamLoRA or a baseline, in plain PyTorch DDP.
 
-    python train.py --method teamlora                    # CPU quick start: tiny base + built-in mixture
-    torchrun --nproc_per_node 8 train.py --method teamlora --base /ckpt/Llama-2-7b-hf --data my_mix/ --preset paper
+    python train.py --base tiny                          # CPU quick start: tiny base + built-in mixture
+    python train.py --method lora --rank 32              # SmolLM2-135M-Instruct, the cpu preset on a CPU
+    torchrun --nproc_per_node 8 train.py --base /ckpt/Llama-2-7b-hf --data my_mix/ --rank 32
 
-One process per device; nccl on GPUs, gloo on CPUs. `--base tiny` (the default) pretrains a small
-LLaMA on the built-in corpus on first use (every weight trained, next-token loss) and caches it.
-The output directory holds checkpoint.pt (adapters + everything needed to resume), log.jsonl,
-summary.json and, after the final evaluation, eval.json.
+One process per device: nccl on GPUs, gloo on CPUs. OUT holds adapters.safetensors, checkpoint.pt
+(the format is described in common.py), log.jsonl, summary.json, and from the final evaluation
+eval.json, predictions.jsonl and routing.png (eval.py says what they hold). An OUT that holds a run,
+finished or started, is refused unless --resume continues it or --overwrite replaces it.
 """
 import argparse
 import json
 import math
-import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -20,69 +20,161 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
 import torch  # noqa: E402
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import common
 import data
 import eval as evaluation
 import teamlora
-from model import ModelArgs, Transformer, load_tokenizer
+from common import UserError, cli
+from model import Transformer
 
-CACHE = Path(os.environ.get("TEAMLORA_CACHE", Path(__file__).parent / "cache"))
-TINY = ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=4096, hidden_dim=688,
-                 max_seq_len=512, tie_embeddings=True)  # ~4.5M parameters; see README for how it was chosen
-# Defaults by base. "paper": the paper's recipe (README, Method notes). "tiny": the CPU quick start on the tiny base.
+# The defaults of the flags whose help says "preset". tiny: the quick start on the tiny base.
+# cpu: small real bases on a CPU. paper: the paper's recipe (README, Method notes). 0 = no limit.
 PRESETS = {
-    "paper": dict(lr=2e-4, epochs=1.0, max_steps=0, batch_size=4, grad_accum=8, seq_len=1024, warmup=0.03),
-    "tiny": dict(lr=2e-3, epochs=1.0, max_steps=400, batch_size=16, grad_accum=1, seq_len=256, warmup=0.03),
+    "tiny": dict(lr=2e-3, max_steps=400, batch_size=16, grad_accum=1, seq_len=256, warmup=0.03, eval_limit=0),
+    "cpu": dict(lr=1e-3, max_steps=300, batch_size=8, grad_accum=1, seq_len=256, warmup=0.05, eval_limit=100),
+    "paper": dict(lr=2e-4, max_steps=0, batch_size=4, grad_accum=8, seq_len=1024, warmup=0.03, eval_limit=0),
 }
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each default; a flag whose default depends on others says so in its own help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+def preset(what):
+    values = " / ".join(f"{name} {p[what]:g}" for name, p in PRESETS.items())
+    return f"(default by preset: {values})"
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="teamlora", choices=teamlora.METHODS + ("full",))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p.add_argument("--method", default="teamlora", choices=teamlora.METHODS + ("full",),
+                   help="adapter kind; full = fine-tune every weight")
     p.add_argument("--rank", type=int, default=8, help="per-expert rank r (LoRA: its rank)")
     p.add_argument("--experts", type=int, default=4, help="k, for the routed methods")
-    p.add_argument("--router", choices=teamlora.ROUTERS, default=None, help="default: shapley for teamlora, else softmax")
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--targets", default="w1,w2,w3,gate_proj,up_proj,down_proj", help="comma-separated module names")
+    p.add_argument("--router", choices=teamlora.ROUTERS, help="default: the method's own (teamlora.add_adapters)")
+    p.add_argument("--alpha", type=float, default=32.0, help="adapter scale alpha / r")
+    p.add_argument("--dropout", type=float, default=0.05, help="adapter input dropout")
+    p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], default=",".join(teamlora.FFN_TARGETS),
+                   help="comma-separated names of the linear layers to adapt")
     p.add_argument("--balance", type=float, default=0.0, help="coefficient of the load-balancing term")
-    p.add_argument("--base", default="tiny", help="'tiny' or a Hugging Face / Meta checkpoint directory")
-    p.add_argument("--data", default=None, help="mixture directory or .jsonl (default: the built-in mixture)")
-    p.add_argument("--out", default=None, help="output directory (default: runs/<method>)")
-    p.add_argument("--preset", choices=PRESETS, default=None, help="defaults below; tiny for --base tiny, else paper")
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; 0 = use --epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per device per micro-step")
-    p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--base", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                   help="'tiny', a Hugging Face / Meta checkpoint directory, or a Hub id")
+    p.add_argument("--data", help="mixture directory or .jsonl (default: the built-in mixture)")
+    p.add_argument("--out", help="output directory (default: runs/METHOD)")
+    p.add_argument("--preset", choices=PRESETS, help="the defaults marked preset (default: tiny for --base tiny, "
+                                                     "cpu without a GPU, else paper)")
+    p.add_argument("--epochs", type=float, default=1.0, help="training length when --max-steps is 0")
+    p.add_argument("--max-steps", type=int, help="optimizer steps; 0 = use --epochs " + preset("max_steps"))
+    p.add_argument("--batch-size", type=int, help="examples per device per micro-step " + preset("batch_size"))
+    p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step " + preset("grad_accum"))
+    p.add_argument("--seq-len", type=int, help="tokens per example, longer inputs are cut " + preset("seq_len"))
+    p.add_argument("--lr", type=float, help="peak learning rate " + preset("lr"))
+    p.add_argument("--warmup", type=float, help="warm-up fraction of the steps " + preset("warmup"))
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter matrices")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping; 0 = off")
     p.add_argument("--temperature", type=float, default=1.0, help="task mixing temperature (1 = by size)")
-    p.add_argument("--task-cap", type=int, default=None, help="at most this many training examples per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 autocast on GPU")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
-    p.add_argument("--eval-limit", type=int, default=None, help="at most N test examples per task at the end")
-    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--task-cap", type=int, help="at most this many training examples per task (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 autocast on GPUs, else float32")
+    p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward")
+    again = p.add_mutually_exclusive_group()  # without either, an OUT that holds a run is refused
+    again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    again.add_argument("--overwrite", action="store_true", help="replace the run that OUT holds, finished or not")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps; 0 = only at the end")
+    p.add_argument("--eval-limit", type=int, help="test examples per task at the end; 0 = all " + preset("eval_limit"))
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--pretrain-steps", type=int, default=700, help="steps of the tiny base's pretraining")
     p.add_argument("--timeout", type=float, default=30.0, help="minutes before a collective gives up on a dead rank")
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset or ("tiny" if args.base == "tiny" else "paper")]
-    for k, v in preset.items():
+    if args.preset is None:
+        gpu = common.default_device(args.device).type == "cuda"
+        args.preset = "tiny" if args.base == "tiny" else "paper" if gpu else "cpu"
+    for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.targets = [t for t in args.targets.split(",") if t]
     args.out = args.out or f"runs/{args.method}"
+    for flag in ("rank", "experts", "batch_size", "grad_accum", "seq_len"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.temperature <= 0 or (args.task_cap is not None and args.task_cap < 1):
+        p.error("--temperature must be positive and --task-cap at least 1")
+    if min(args.max_steps, args.save_every, args.eval_limit) < 0:
+        p.error("--max-steps, --save-every and --eval-limit cannot be negative")
+    if args.method == "lora" and args.router:
+        p.error("--router: method lora has no router")
     return args
+
+
+# ----------------------------------------------------------------------------- building the run
+
+
+def adapter_kwargs(args):
+    """teamlora.add_adapters' keyword arguments from the flags (no router flag: add_adapters picks)."""
+    kwargs = dict(method=args.method, rank=args.rank, experts=args.experts, alpha=args.alpha,
+                  dropout=args.dropout, targets=args.targets)
+    if args.router:
+        kwargs["router"] = args.router
+    return kwargs
+
+
+def attach(model, args):
+    """Add the flags' adapters to model; returns the adapter config as built (None for full)."""
+    if args.method == "full":
+        return None
+    try:
+        teamlora.add_adapters(model, **adapter_kwargs(args))
+    except ValueError as e:  # e.g. no layer named like --targets
+        raise UserError(str(e)) from None
+    routers = {layer.router.kind for _, layer in teamlora.adapter_layers(model) if layer.routed}
+    adapter = adapter_kwargs(args)
+    if routers:
+        adapter["router"] = routers.pop()  # the router as used, whoever chose it
+    return adapter
+
+
+def build(args, device):
+    """(base directory, tokenizer, frozen base + adapters, the adapter config as built, train, test).
+    What a user can get wrong is checked before the base's weights are read: the data, the base's
+    tokenizer and config, and the adapter flags (on the model built without storage)."""
+    train, test = data.load_mixture(args.data)
+    if args.base == "tiny" and common.is_main():
+        data.tiny_base(args.pretrain_steps, device)  # first use only; the other ranks wait at the barrier
+    common.barrier()
+    base = common.base_dir(args.base)
+    tok, config = common.check_base(base)
+    with torch.device("meta"):  # the adapter flags tried on a model without storage
+        attach(Transformer(config), args)
+    dtype = torch.bfloat16 if use_bf16(args, device) and device.type == "cuda" else torch.float32  # CPUs: float32
+    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+    model.gradient_checkpointing = args.grad_checkpoint
+    if args.method == "full":
+        model.float()  # full fine-tuning keeps float32 master weights
+    torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
+    adapter = attach(model, args)
+    return base.resolve(), tok, model.to(device), adapter, train, test
+
+
+def use_bf16(args, device):
+    """bfloat16 autocast: asked for, or by default on GPUs (whose base weights are then bfloat16 too)."""
+    return args.dtype == "bfloat16" or (args.dtype is None and device.type == "cuda")
+
+
+def make_optimizer(model, args, steps, device):
+    """AdamW on the trainable parameters (no weight decay on vectors), cosine schedule with warm-up."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    warmup = int(args.warmup * steps)
+    return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
 
 
 def cosine_lr(step, total, warmup):
@@ -92,242 +184,244 @@ def cosine_lr(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def micro_step(model, batch, n_tokens, args, autocast):
-    """Forward + backward of one micro-batch. The loss is summed over answer tokens and divided
-    by the step's global token count (all micro-steps, all ranks) times world size, since DDP
-    averages gradients: the result equals one process on the whole global batch."""
-    tokens, targets = batch["tokens"], batch["targets"]
-    with autocast:
-        logits = model(tokens)
-    loss_tok = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=data.IGNORE,
-                               reduction="none").view_as(targets)  # (B, T)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    loss = loss_tok.sum() * world / n_tokens
-    aux = torch.zeros((), device=tokens.device)
-    if args.method != "full":
-        aux = teamlora.adapter_aux_loss(model, mask=targets != data.IGNORE)
-        if args.balance > 0:
-            loss = loss + args.balance * aux / args.grad_accum
-    loss.backward()
-    per_task = torch.zeros(2, len(args.tasks), device=tokens.device, dtype=torch.float64)  # (sum, count) per task
-    per_task[0].index_add_(0, batch["task"], loss_tok.detach().sum(1).double())
-    per_task[1].index_add_(0, batch["task"], (targets != data.IGNORE).sum(1).double())
-    return per_task, aux.detach()
+def batches(ds, sampler, tok, batch_size, start, device):
+    """Micro-batches of exactly batch_size examples from example `start` of this rank's stream of
+    concatenated epochs (a batch may span two epochs), so a step count is a data position."""
+    epoch, pos = divmod(start, len(sampler))
+    chunk = []
+    while True:
+        for j in sampler.epoch(epoch)[pos:]:
+            chunk.append(j)
+            if len(chunk) == batch_size:
+                yield {k: v.to(device) for k, v in data.collate([ds[i] for i in chunk], tok.pad_id).items()}
+                chunk = []
+        epoch, pos = epoch + 1, 0
 
 
-def tiny_base(args, rank, device):
-    """The built-in base: tokenizer and 4-layer LLaMA trained on the built-in corpus plus the
-    mixture's unlabelled text, on first use; cached in CACHE/tiny-base. Rank 0 builds it."""
-    path = CACHE / "tiny-base"
-    if rank == 0 and not (path / "params.json").exists():
-        path.mkdir(parents=True, exist_ok=True)
-        train, _ = data.load_mixture(None)
-        texts = list(data.pretraining_texts(train))
-        t0 = time.time()
-        data.train_tokenizer(texts, path / "tokenizer", vocab_size=TINY.vocab_size)
-        tok = load_tokenizer(path)
-        stream = data.lm_stream(tok, texts)
-        torch.manual_seed(0)
-        model = Transformer(TINY).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
-        steps, gen = args.pretrain_steps, torch.Generator().manual_seed(0)
-        for step in (bar := tqdm(range(steps), desc="pretraining tiny base", dynamic_ncols=True)):
-            for g in opt.param_groups:
-                g["lr"] = 3e-3 * cosine_lr(step, steps, 50)
-            x, y = data.lm_batch(stream, 16, 128, gen)
-            loss = F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        model.save_pretrained(path)  # params.json last, so a crash leaves no half-built cache
-        print(f"tiny base: {stream.numel():,} tokens, final loss {loss.item():.3f}, {time.time() - t0:.0f} s -> {path}")
-    if dist.is_initialized():
-        dist.barrier()
-    return path
+# ----------------------------------------------------------------------------- resuming
+
+def check_out(args):
+    """A new run into an OUT that holds one, finished or started, needs --resume or --overwrite."""
+    out = Path(args.out)
+    held = [f for f in (common.CHECKPOINT, "log.jsonl") if (out / f).exists()]
+    if held and not (args.resume or args.overwrite):
+        raise UserError(f"--out {out} holds a run already ({', '.join(held)}): --resume continues it, "
+                        "--overwrite replaces it")
 
 
-def build(args, rank, world, device):
-    """Base model (frozen) + adapters, tokenizer, and the tokenized mixture."""
-    base = tiny_base(args, rank, device) if args.base == "tiny" else Path(args.base)
-    tok = load_tokenizer(base)
-    model = Transformer.from_pretrained(base, dtype=torch.float32 if device.type == "cpu" else args.param_dtype,
-                                        device=device)
-    model.gradient_checkpointing = args.grad_checkpoint
-    if args.method == "full":
-        model.float()  # full fine-tuning keeps float32 master weights
+def clear_out(out):
+    """--overwrite: the earlier run's files go, so none of them is taken for the new run's."""
+    for name in common.OUTPUTS:
+        for f in (out / name, out / (name + ".tmp")):
+            f.unlink(missing_ok=True)
+
+
+def read_resume(args, world):
+    """OUT/checkpoint.pt for --resume, refused unless it continues this very run."""
+    out = Path(args.out)
+    if not (out / common.CHECKPOINT).exists():
+        raise UserError(f"--resume: no {out / common.CHECKPOINT}; start without --resume")
+    ckpt = common.read_checkpoint(out)
+    if ckpt.get("legacy"):
+        raise UserError(f"--resume: {out} was written by an older train.py; eval.py reads it, resuming needs a new run")
+    now, then = vars(args), ckpt["config"]
+    changed = [f"--{k.replace('_', '-')} {then.get(k)} (now {now[k]})" for k in now
+               if k not in common.RUN_ONLY and now[k] != then.get(k)]
+    if changed:
+        raise UserError(f"--resume: {out} was trained with other flags: {', '.join(changed)}")
+    if len(ckpt["rng"]) != world:
+        raise UserError(f"--resume: {out} was written by {len(ckpt['rng'])} processes; this run has {world}")
+    return ckpt
+
+
+def restore(ckpt, model, adapter, opt, sched):
+    """Trained tensors, optimizer and scheduler from a checkpoint; returns its progress."""
+    if adapter is None:
+        model.load_state_dict(ckpt["tensors"], strict=False)  # a tied output layer is stored once
     else:
-        torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
-        teamlora.add_adapters(model, args.method, args.rank, args.experts, args.alpha, args.dropout,
-                              args.targets, args.router)
-        model.to(device)
-    train, test = data.load_mixture(args.data)
-    return str(base.resolve()), tok, model, train, test
+        teamlora.load_adapter_state_dict(model, ckpt["tensors"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    return {k: ckpt[k] for k in ("step", "train_time", "tokens", "loss")}
 
 
-def train(args):
-    rank, world, device = evaluation.setup_distributed(args.device, args.timeout)
-    main = rank == 0
-    try:
-        use_bf16 = args.dtype == "bfloat16" or (args.dtype is None and device.type == "cuda")
-        args.param_dtype = torch.bfloat16 if use_bf16 else torch.float32
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-        out = Path(args.out)
-        ckpt_path = out / "checkpoint.pt"
-        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True) if args.resume else None
-        if resume is None and args.resume:
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        base, tok, model, train_set, test_set = build(args, rank, world, device)
-        args.base_path = base
-        ds = data.TaskDataset(train_set, tok, args.seq_len, verbose=main)
-        args.tasks = ds.tasks
-        sampler = data.MixtureSampler(ds.task_of, args.temperature, args.task_cap, args.seed, rank, world)
-        per_step = args.batch_size * args.grad_accum  # examples per rank per optimizer step
-        steps = args.max_steps or max(1, int(args.epochs * len(sampler) / per_step))
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-        warmup = int(args.warmup * steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
-        step, train_time = 0, 0.0
-        if resume:
-            teamlora.load_adapter_state_dict(model, resume["adapters"]) if args.method != "full" \
-                else model.load_state_dict(resume["model"])
-            opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
-            step, train_time = resume["step"], resume["train_time"]
-            if len(resume["rng"]) != world:
-                raise ValueError(f"--resume: {ckpt_path} was written by {len(resume['rng'])} processes; "
-                                 f"resume with the same number (this run has {world})")
-            if resume["data"]["examples_seen"] != step * per_step:
-                raise ValueError(f"--resume: {ckpt_path} was written with another batch size or accumulation")
-        report = teamlora.parameter_report(model)
-        raw = model  # checkpoints come from the unwrapped, uncompiled module
-        if args.compile:
-            model = torch.compile(model)
-        if world > 1:
-            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        torch.manual_seed(args.seed + rank)  # dropout differs per rank; data order comes from the sampler
-        if resume:
-            torch.set_rng_state(resume["rng"][rank]["cpu"])
-            if device.type == "cuda":
-                torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
-
-        def batches(start):
-            """Micro-batches of exactly batch_size examples from example `start` of this rank's stream
-            of concatenated epochs (a batch may span two epochs), so a step count is a data position."""
-            epoch, pos = divmod(start, len(sampler))
-            chunk = []
-            while True:
-                for j in sampler.epoch(epoch)[pos:]:
-                    chunk.append(j)
-                    if len(chunk) == args.batch_size:
-                        yield data.collate([ds[i] for i in chunk], tok.pad_id)
-                        chunk = []
-                epoch, pos = epoch + 1, 0
-
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            print(f"{args.method}: {report['trainable']:,} trainable of {report['base']:,} base parameters "
-                  f"({report['trainable_pct']:.3f}%; router {report['router']:,}); {steps} steps x {world} ranks x "
-                  f"{per_step} examples; {len(train_set)} train / {len(test_set)} test examples, tasks {ds.tasks}")
-        log = None
-        if main:  # on resume, drop records of steps after the checkpoint: they are about to be redone
-            old = (out / "log.jsonl").read_text().splitlines() if resume and (out / "log.jsonl").exists() else []
-            kept = "".join(r + "\n" for r in old if json.loads(r)["step"] <= step)
-            evaluation.atomic_save(kept, out / "log.jsonl")
-            log = open(out / "log.jsonl", "a")
-        stream = batches(step * per_step)
-        model.train()
-        bar = tqdm(total=steps, initial=step, desc=args.method, disable=not main, dynamic_ncols=True)
-        n_tokens_total = 0
-        while step < steps:
-            t0 = time.time()
-            micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(args.grad_accum)]
-            n_tok = torch.tensor(float(sum((b["targets"] != data.IGNORE).sum() for b in micro)), device=device)
-            n_in = torch.tensor(float(sum(b["tokens"].numel() for b in micro)), device=device)
-            if world > 1:
-                dist.all_reduce(n_tok), dist.all_reduce(n_in)
-            per_task, aux = 0, 0.0
-            for i, b in enumerate(micro):
-                # Gradients sync across ranks only on the last micro-step, switched before its forward.
-                sync = world == 1 or i == len(micro) - 1
-                with (nullcontext() if sync else model.no_sync()):
-                    pt, a = micro_step(model, b, n_tok, args, autocast)
-                per_task, aux = per_task + pt, aux + a / len(micro)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if world > 1:
-                dist.all_reduce(per_task), dist.all_reduce(aux)
-                aux = aux / world
-            dt = time.time() - t0
-            train_time += dt
-            n_tokens_total += n_in.item()
-            loss = (per_task[0].sum() / per_task[1].sum()).item()
-            if main:
-                rec = {"step": step, "loss": loss, "aux": float(aux), "lr": sched.get_last_lr()[0],
-                       "grad_norm": grad_norm.item(), "tokens_per_s": n_in.item() / dt,
-                       "task_loss": {t: (per_task[0, i] / per_task[1, i]).item()
-                                     for i, t in enumerate(ds.tasks) if per_task[1, i] > 0}}
-                log.write(json.dumps(rec) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}")
-            if step % args.save_every == 0 or step == steps:
-                save_checkpoint(raw, opt, sched, step, train_time, args, ckpt_path, world, device)
-        bar.close()
-        if main:
-            log.close()
-            summary = {"method": args.method, "rank": args.rank, "experts": args.experts,
-                       "router": args.router, "trainable": report["trainable"],
-                       "trainable_pct": report["trainable_pct"], "router_params": report["router"],
-                       "train_time_s": train_time, "tokens_per_s": n_tokens_total / max(train_time, 1e-9),
-                       "steps": steps, "final_loss": loss if steps else None, "seed": args.seed,
-                       "targets": args.targets, "alpha": args.alpha, "lr": args.lr, "base": args.base_path,
-                       "data": args.data}
-            evaluation.atomic_save(json.dumps(summary, indent=1), out / "summary.json")
-        if not args.no_eval:
-            results = evaluation.evaluate(raw, tok, test_set, args.seq_len, limit=args.eval_limit)
-            if main:
-                evaluation.atomic_save(json.dumps(results, indent=1), out / "eval.json")
-                print(evaluation.format_table(results))
-                print(f"{args.method}: {report['trainable']:,} trainable parameters ({report['trainable_pct']:.3f}% "
-                      f"of the base; router {report['router']:,}); trained {train_time:.0f} s; -> {out}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def save_checkpoint(model, opt, sched, step, train_time, args, path, world, device):
-    """Adapters only (or the whole model for --method full) plus the state to resume exactly."""
+def save(model, adapter, base, opt, sched, progress, args, device):
+    """Every rank hands in its RNG state (so a resume continues each dropout stream); rank 0 writes."""
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     rngs = [rng]
-    if world > 1:  # every rank's dropout stream is saved, so a resume continues each one
+    if dist.is_initialized():
         flat = torch.cat(list(rng.values())).to(device)  # RNG states are uint8 tensors of fixed size
-        parts = [torch.empty_like(flat) for _ in range(world)]
+        parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, flat)
         sizes = [v.numel() for v in rng.values()]
         rngs = [dict(zip(rng, p.cpu().split(sizes))) for p in parts]
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if common.is_main():
+        state = {"config": vars(args), "adapter": adapter, "base_path": str(base), **progress,
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
+                 "data": {"examples_seen": progress["step"] * args.batch_size * args.grad_accum}}
+        common.save_checkpoint(args.out, common.trained_tensors(model, adapter), state)
+
+
+# ----------------------------------------------------------------------------- the step's bookkeeping
+
+
+def token_losses(model, batch):
+    """Cross-entropy at every position (B, T), 0 where the target is IGNORE (prompt and padding); the
+    model computes its output layer only at the answer positions."""
+    return model(batch["tokens"], batch["targets"], reduction="none")
+
+
+def task_sums(batch, losses, n_tasks):
+    """(2, n_tasks): summed answer-token loss and number of answer tokens of each task."""
+    sums = torch.zeros(2, n_tasks, dtype=torch.float64, device=losses.device)
+    sums[0].index_add_(0, batch["task"], losses.sum(1).double())
+    sums[1].index_add_(0, batch["task"], (batch["targets"] != data.IGNORE).sum(1).double())
+    return sums
+
+
+def record(sums, aux, micro, grad_norm, lr, dt, progress, tasks, world, device):
+    """The step's log record, over all ranks; adds the step's time and input tokens to progress."""
+    sums = common.all_reduce(sums, device)
+    aux = common.all_reduce(aux, device) / world
+    tokens = int(common.all_reduce(torch.tensor(sum(b["tokens"].numel() for b in micro), device=device), device))
+    progress.update(step=progress["step"] + 1, train_time=progress["train_time"] + dt,
+                    tokens=progress["tokens"] + tokens, loss=(sums[0].sum() / sums[1].sum()).item())
+    return {"step": progress["step"], "loss": progress["loss"], "aux": aux.item(), "lr": lr,
+            "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt,
+            "task_loss": {t: (sums[0, i] / sums[1, i]).item() for i, t in enumerate(tasks) if sums[1, i] > 0}}
+
+
+def open_log(out, step):
+    """log.jsonl for appending; records after `step` (a resume is about to redo them) are dropped."""
+    old = (out / "log.jsonl").read_text().splitlines() if step and (out / "log.jsonl").exists() else []
+    common.atomic_save("".join(r + "\n" for r in old if json.loads(r)["step"] <= step), out / "log.jsonl")
+    return open(out / "log.jsonl", "a")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(args, rank, world, device):
+    """The run, from building the model to the final evaluation (main sets up the processes)."""
+    master = rank == 0  # the process that logs and writes
+    out = Path(args.out)
+    check_out(args)  # checks before work: the flags (get_args), OUT, then build's data and base
+    resume = read_resume(args, world) if args.resume else None
+    base, tok, model, adapter, train_set, test_set = build(args, device)
+    ds = data.TaskDataset(train_set, tok, args.seq_len, verbose=master)
+    sampler = data.MixtureSampler(ds.task_of, args.temperature, args.task_cap, args.seed, rank, world)
+    per_step = args.batch_size * args.grad_accum  # examples per rank per optimizer step
+    steps = args.max_steps or max(1, int(args.epochs * len(sampler) / per_step))
+    params, opt, sched = make_optimizer(model, args, steps, device)
+    progress = dict(step=0, train_time=0.0, tokens=0, loss=None)
+    if resume:
+        progress = restore(resume, model, adapter, opt, sched)
+    report = teamlora.parameter_report(model)
+    log = None
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            clear_out(out)
+        print_config(args, world, steps, report, ds.tasks, len(train_set), len(test_set))
+        log = open_log(out, progress["step"])
+    raw = model  # checkpoints and evaluation use the unwrapped, uncompiled module
+    if args.compile:
+        model = torch.compile(model)
+    ddp = dist.is_initialized()
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.manual_seed(args.seed + rank)  # dropout differs per rank; data order comes from the sampler
+    if resume:
+        torch.set_rng_state(resume["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in resume["rng"][rank]:
+            torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(args, device) else nullcontext()
+    stream = batches(ds, sampler, tok, args.batch_size, progress["step"] * per_step, device)
+    if progress["step"] >= steps and master:
+        print(f"{out} finished its {steps} steps already; nothing to train")
+    bar = tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True)
+    model.train()
+    while progress["step"] < steps:
+        t0 = time.time()
+        lr = sched.get_last_lr()[0]  # the lr this step uses; sched.step() below sets the next one
+        micro = [next(stream) for _ in range(args.grad_accum)]
+        # The loss is summed over answer tokens and divided by the step's answer tokens on all
+        # ranks, times the world size since DDP averages gradients: one process on the global batch.
+        n_answer = common.all_reduce(sum((b["targets"] != data.IGNORE).sum() for b in micro).float(), device)
+        sums = torch.zeros(2, len(ds.tasks), dtype=torch.float64, device=device)
+        aux_sum = torch.zeros((), device=device)
+        for i, b in enumerate(micro):
+            if ddp:  # gradients sync across ranks on the last micro-step only, set before its forward
+                model.require_backward_grad_sync = i == args.grad_accum - 1
+            with autocast:
+                losses = token_losses(model, b)  # (B, T)
+            aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over real tokens
+            loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
+            loss.backward()
+            sums += task_sums(b, losses.detach(), len(ds.tasks))
+            aux_sum += aux.detach() / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        rec = record(sums, aux_sum, micro, grad_norm, lr, time.time() - t0, progress, ds.tasks, world, device)
+        if master:
+            log.write(json.dumps(rec) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}")
+        if progress["step"] == steps or (args.save_every and progress["step"] % args.save_every == 0):
+            save(raw, adapter, base, opt, sched, progress, args, device)
+    bar.close()
+    if master:
+        log.close()
+        write_summary(out, args, adapter, base, report, progress, steps)
+    if not args.no_eval:
+        final_eval(raw, tok, train_set, test_set, args, report, progress)
+
+
+def print_config(args, world, steps, report, tasks, n_train, n_test):
+    """The resolved flags, the global batch and the parameter counts, once (rank 0)."""
+    print(f"config: {json.dumps(vars(args))}")
+    print(f"global batch: {world} process{'es' * (world > 1)} x {args.batch_size} examples x {args.grad_accum} "
+          f"micro-steps = {world * args.batch_size * args.grad_accum} examples per step; {steps} steps; "
+          f"{n_train} train / {n_test} test examples, tasks {tasks}")
+    print(f"{args.method}: {report['trainable']:,} trainable of {report['base']:,} base parameters "
+          f"({report['trainable_pct']:.3f}%; router {report['router']:,})")
+
+
+def write_summary(out, args, adapter, base, report, progress, steps):
+    """summary.json: the run's config, cost and final loss (eval.py --compare reads it)."""
+    summary = {"config": vars(args), "adapter": adapter, "base_path": str(base), "trainable": report["trainable"],
+               "trainable_pct": report["trainable_pct"], "router_params": report["router"], "steps": steps,
+               "train_time_s": progress["train_time"], "tokens": progress["tokens"],
+               "tokens_per_s": progress["tokens"] / max(progress["train_time"], 1e-9), "final_loss": progress["loss"]}
+    common.atomic_save(json.dumps(summary, indent=1), out / "summary.json")
+
+
+def final_eval(model, tok, train_set, test_set, args, report, progress):
+    """Score the test split (every rank scores its share, the majority baseline comes from the
+    training labels); rank 0 prints the tables and writes eval.json, predictions.jsonl, routing.png."""
+    if not test_set:
+        if common.is_main():
+            print(f"no test split in {args.data}: evaluation skipped")
         return
-    config = {k: v for k, v in vars(args).items() if k not in ("param_dtype",)}
-    config["base"] = args.base_path
-    state = {"config": config, "step": step, "train_time": train_time, "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(), "rng": rngs,
-             "data": {"examples_seen": step * args.batch_size * args.grad_accum}}
-    if args.method == "full":
-        state["model"] = model.state_dict()
-    else:
-        state["adapters"] = teamlora.adapter_state_dict(model)
-    evaluation.atomic_save(state, path)
+    predictions = []
+    results = evaluation.evaluate(model, tok, test_set, args.seq_len, limit=args.eval_limit or None,
+                                  majority=evaluation.majority_labels(train_set), predictions=predictions)
+    if common.is_main():
+        evaluation.write_results(args.out, {**results, "data": args.data, "limit": args.eval_limit or None},
+                                 predictions)
+        print(f"{args.method}: {report['trainable']:,} trainable parameters ({report['trainable_pct']:.3f}% "
+              f"of the base; router {report['router']:,}); trained {progress['train_time']:.0f} s; -> {args.out}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    with common.distributed(args.device, args.timeout) as (rank, world, device):
+        train(args, rank, world, device)  # returned: its DDP wrapper is freed before the group is destroyed
 
 
 if __name__ == "__main__":
-    train(get_args())
+    cli(main)

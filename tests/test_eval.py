@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import common
 import data
 import eval as ev
 import teamlora
@@ -29,17 +30,18 @@ SEQ_LEN = 128
 def test_accuracy_and_macro_f1_on_an_unbalanced_task():
     gold = ["ham"] * 9 + ["spam"]
     always_ham = ["ham"] * 10
-    assert ev.accuracy(always_ham, gold) == pytest.approx(0.9)
+    labels = ["ham", "spam"]
+    assert ev.accuracy(ev.confusion(always_ham, gold, labels)) == pytest.approx(0.9)
     # F1(ham) = 2*9 / (2*9 + 1 FP + 0 FN) = 18/19; F1(spam) = 0 (its one example missed): mean 9/19.
-    assert ev.macro_f1(always_ham, gold, ["ham", "spam"]) == pytest.approx(9 / 19)
+    assert ev.macro_f1(ev.confusion(always_ham, gold, labels)) == pytest.approx(9 / 19)
     # A label neither gold nor predicted is skipped, not counted as F1 = 0.
-    assert ev.macro_f1(always_ham, gold, ["ham", "spam", "phishing"]) == pytest.approx(9 / 19)
+    assert ev.macro_f1(ev.confusion(always_ham, gold, labels + ["phishing"])) == pytest.approx(9 / 19)
     # The spam found, one ham lost: ham TP 8 FN 1 -> F1 16/17; spam TP 1 FP 1 -> F1 2/3.
     pred = ["ham"] * 8 + ["spam", "spam"]
-    assert ev.accuracy(pred, gold) == pytest.approx(0.9)
-    assert ev.macro_f1(pred, gold, ["ham", "spam"]) == pytest.approx((16 / 17 + 2 / 3) / 2)
+    assert ev.accuracy(ev.confusion(pred, gold, labels)) == pytest.approx(0.9)
+    assert ev.macro_f1(ev.confusion(pred, gold, labels)) == pytest.approx((16 / 17 + 2 / 3) / 2)
     with pytest.raises(ValueError, match="not one of"):
-        ev.macro_f1(["eggs"], ["ham"], ["ham", "spam"])
+        ev.confusion(["eggs"], ["ham"], labels)
 
 
 def test_exact_match_and_rouge_l():
@@ -255,19 +257,37 @@ def test_evaluate_counts_a_rigged_model_exactly(sp_tokenizer, builtin_mixture):
     model = Bigram(tok.n_words)
     model.rig(tok, spam[0], "ham")  # ham on every spam example
     model.train()
-    results = ev.evaluate(model, tok, examples, SEQ_LEN, limit=20)
+    majority = ev.majority_labels(builtin_mixture[0])
+    results = ev.evaluate(model, tok, examples, SEQ_LEN, limit=20, majority=majority)
     assert model.training  # restored
     n_ham = sum(ex.output == "ham" for ex in spam[:20])
     s = results["tasks"]["spam"]
     assert s["n"] == 20 and s["accuracy"] == pytest.approx(n_ham / 20)
     assert s["macro_f1"] == pytest.approx((2 * n_ham / (2 * n_ham + 20 - n_ham) + 0.0) / 2)
-    assert results["majority"]["tasks"]["spam"] == pytest.approx(max(n_ham, 20 - n_ham) / 20)
+    n_majority = sum(ex.output == majority["spam"] for ex in spam[:20])
+    assert results["majority"]["tasks"]["spam"] == pytest.approx(n_majority / 20)
     assert set(results["tasks"]) == {"nli", "sentiment", "spam", "supersense"}
     assert results["average"] == pytest.approx(sum(t["accuracy"] for t in results["tasks"].values()) / 4)
     assert results["routing"] == {}
     table = ev.format_table(results)
     for word in ("spam", "supersense", "average", "majority"):
         assert word in table
+
+
+def test_majority_baseline_is_the_training_majority_on_choice_tasks_only(tiny, sp_tokenizer):
+    """Mostly "spam" in training, mostly "ham" in the test split: the baseline answers "spam" and
+    scores 1/5, not the test split's own majority 4/5. A generated task has no baseline ("-")."""
+    spam = lambda output: Example("spam", "Spam or ham?", "Win a prize.", output, ["ham", "spam"])  # noqa: E731
+    copy = lambda word: Example("copy", "Repeat the last word.", f"red {word}", word)  # noqa: E731
+    train = [spam("spam"), spam("ham"), spam("spam"), spam("spam"), copy("dog"), copy("dog"), copy("cat")]
+    test = [spam("ham")] * 4 + [spam("spam"), copy("bird"), copy("dog")]
+    assert ev.majority_labels(train) == {"spam": "spam"}
+    results = ev.evaluate(tiny, sp_tokenizer, test, SEQ_LEN, max_new_tokens=2, majority=ev.majority_labels(train))
+    assert results["majority"]["tasks"] == {"spam": pytest.approx(1 / 5), "copy": None}
+    assert results["majority"]["answers"] == {"spam": "spam", "copy": None}
+    assert results["majority"]["average"] is None  # over one task of two: it would not compare with "average"
+    rows = {line.split()[0]: line.split() for line in ev.format_table(results).splitlines()[1:4]}
+    assert rows["spam"][3] == "0.200" and rows["copy"][3] == "-" and rows["average"][3] == "-"
 
 
 # ----------------------------------------------------------------------------- a run directory
@@ -280,7 +300,8 @@ def write_jsonl(path, examples):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, sp_tokenizer, builtin_mixture):
-    """What train.py leaves: a base directory (weights + tokenizer), a mixture, checkpoint.pt and summary.json."""
+    """What train.py left before adapters.safetensors (a checkpoint.pt holding the adapters and a flat
+    config; it must still load), a base directory (weights + tokenizer), a mixture and summary.json."""
     tmp = tmp_path_factory.mktemp("eval")
     base, mix, run = tmp / "base", tmp / "mix", tmp / "run"
     for d in (base, mix, run):
@@ -300,14 +321,14 @@ def run_dir(tmp_path_factory, sp_tokenizer, builtin_mixture):
               "targets": ["w1", "w2", "w3"], "router": None, "seq_len": SEQ_LEN, "base": str(base), "data": str(mix)}
     torch.save({"config": config, "adapters": teamlora.adapter_state_dict(model), "step": 1}, run / "checkpoint.pt")
     (run / "summary.json").write_text(json.dumps(
-        {"method": "teamlora", "rank": 2, "experts": 3, "router": None, "trainable": 1234, "trainable_pct": 1.5,
+        {"config": {**config, "seed": 0}, "trainable": 1234, "trainable_pct": 1.5,
          "router_params": 96, "train_time_s": 12.3, "tokens_per_s": 4000.0, "steps": 1}))
     return run, model
 
 
-def test_load_checkpoint_rebuilds_the_adapted_model(run_dir, tmp_path):
+def test_load_run_rebuilds_the_adapted_model_from_an_older_checkpoint(run_dir, tmp_path):
     run, trained = run_dir
-    model, tok, config = ev.load_checkpoint(run)
+    model, tok, config = common.load_run(run)
     assert config["method"] == "teamlora" and not model.training
     x = torch.tensor([tok.encode("a dog and a cat", bos=True, eos=False)])
     torch.testing.assert_close(model(x), trained(x))
@@ -317,7 +338,7 @@ def test_load_checkpoint_rebuilds_the_adapted_model(run_dir, tmp_path):
     state = Transformer.from_pretrained(config["base"]).state_dict()
     state = {k: v + 0.01 for k, v in state.items()}
     torch.save({"config": {**config, "method": "full"}, "model": state, "step": 1}, full / "checkpoint.pt")
-    model, _, _ = ev.load_checkpoint(full)
+    model, _, _ = common.load_run(full)
     assert torch.equal(model.layers[0].attention.wq.weight, state["layers.0.attention.wq.weight"])
 
 
@@ -326,21 +347,35 @@ def test_main_one_process_then_two_gloo_ranks_agree(run_dir, capsys):
     ev.main(["--ckpt", str(run), "--limit", "4", "--batch-size", "8", "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
     one = json.loads((run / "eval.json").read_text())
-    assert set(one) == {"average", "tasks", "majority", "routing"}
+    assert set(one) == {"average", "tasks", "majority", "routing", "data", "limit"} and one["limit"] == 4
+    predicted = [json.loads(line) for line in open(run / "predictions.jsonl")]
+    assert len(predicted) == 5 * 4 and set(predicted[0]) == {"task", "input", "gold", "predicted", "score", "correct"}
+    for task, scores in one["tasks"].items():  # each line agrees with the scores
+        mine = [p for p in predicted if p["task"] == task]
+        assert sum(p["correct"] for p in mine) / 4 == pytest.approx(scores.get("accuracy", scores.get("exact_match")))
+    assert all(p["score"] <= 0 for p in predicted if p["task"] != "copy")  # a log-likelihood
+    assert str(run / "predictions.jsonl") in printed
     assert set(one["tasks"]) == {"copy", "nli", "sentiment", "spam", "supersense"}
     assert set(one["tasks"]["copy"]) == {"n", "exact_match", "rouge_l"}
     assert all(s["n"] == 4 for s in one["tasks"].values())
     assert one["routing"]["copy"]["tokens"] > 0
     assert "routing" in printed and "average" in printed
     assert "routing.png" in printed  # written, or said to be skipped without matplotlib
-    # The same under torchrun: each rank scores half, counts are all_reduced, rank 0 writes.
+    # The same under torchrun: each rank scores half, counts are all_reduced, rank 0 writes; with
+    # CUDA's placement rules checked (tests/placement.py): every collective gets device tensors.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/placement.py", "eval.py",
            "--ckpt", str(run), "--limit", "4", "--batch-size", "8", "--max-new-tokens", "4"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert res.stdout.count("average") == 1  # only rank 0 prints
+    assert sum(line.startswith("average") for line in res.stdout.splitlines()) == 1  # only rank 0 prints
+    assert "replacing the earlier evaluation" in res.stdout
     two = json.loads((run / "eval.json").read_text())
+    # rank 0 writes every rank's predictions, in the one-process order
+    again = [json.loads(line) for line in open(run / "predictions.jsonl")]
+    assert [(p["task"], p["input"], p["predicted"]) for p in again] == [(p["task"], p["input"], p["predicted"])
+                                                                        for p in predicted]
     for task, scores in one["tasks"].items():
         assert two["tasks"][task] == pytest.approx(scores)
     assert two["average"] == pytest.approx(one["average"])
@@ -353,38 +388,102 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
     other = tmp_path / "lora"
     other.mkdir()
     (other / "summary.json").write_text(json.dumps(
-        {"method": "lora", "rank": 8, "experts": 4, "router": None, "trainable": 999, "trainable_pct": 0.75,
-         "router_params": 0, "train_time_s": 60.0, "tokens_per_s": 5000.0, "steps": 10}))
+        {"config": {"method": "lora", "rank": 8, "experts": 4, "router": None, "seed": 0, "base": "org/base"},
+         "adapter": {"method": "lora", "rank": 8}, "trainable": 999, "trainable_pct": 0.75, "router_params": 0,
+         "train_time_s": 60.0, "tokens_per_s": 5000.0, "steps": 10}))
     with pytest.raises(FileNotFoundError, match=r"lora.eval\.json"):
         ev.compare([other])
     (other / "eval.json").write_text(json.dumps(
         {"average": 0.625, "tasks": {"spam": {"n": 4, "accuracy": 0.75, "macro_f1": 0.5},
                                      "copy": {"n": 4, "exact_match": 0.5, "rouge_l": 0.6}},
-         "majority": {"average": 0.5, "tasks": {"spam": 0.75, "copy": 0.25}}, "routing": {}}))
+         "majority": {"average": None, "tasks": {"spam": 0.75, "copy": None}}, "routing": {}}))
     run, _ = run_dir
+    summary = json.loads((run / "summary.json").read_text())  # as train.py writes it: the router as used
+    (run / "summary.json").write_text(json.dumps({**summary, "adapter": {"method": "teamlora", "router": "shapley"}}))
     (run / "eval.json").write_text(json.dumps(
         {"average": 0.8, "tasks": {"spam": {"n": 4, "accuracy": 0.8, "macro_f1": 0.7}},
          "majority": {"average": 0.75, "tasks": {"spam": 0.75}}, "routing": {}}))
-    table = ev.compare([other, run])
-    lines = table.splitlines()
-    assert lines[0].split()[-2:] == ["copy", "spam"]
-    assert lines[1].split()[:2] == [str(other), "lora"] and "0.750" in lines[1] and "0.625" in lines[1]
-    assert lines[2].split()[:2] == [str(run), "teamlora"] and "0.800" in lines[2] and "default" in lines[2]
-    assert lines[3].startswith("majority")
-    # Runs that differ only in the seed become one row of mean ± sd.
+    lines = ev.compare([other, run]).splitlines()
+    assert lines[0].split() == ["run", "base", "method", "rank", "experts", "router", "trainable%", "time_s",
+                                "tokens/s", "n", "average", "copy", "spam"]
+    lora = lines[1].split()
+    assert lora[:3] == [str(other), "org/base", "lora"] and lora[-4:] == ["8", "0.625", "0.500", "0.750"]
+    teamlora = lines[2].split()
+    assert teamlora[:3] == [str(run), summary["config"]["base"], "teamlora"] and "shapley" in teamlora
+    assert teamlora[-4:] == ["4", "0.800", "-", "0.800"]
+    # Tested on other examples (here: other tasks), each run's own majority baseline has its row.
+    assert lines[3].startswith(f"majority class of {other} ") and lines[3].split()[-4:] == ["8", "-", "-", "0.750"]
+    assert lines[4].startswith(f"majority class of {run} ") and lines[4].split()[-4:] == ["4", "0.750", "-", "0.750"]
+    assert "one majority row for each" in lines[-1]
+    # Runs that differ only in the seed become one row of mean ± sd; one baseline, one row.
     seeds = []
     for seed, avg in ((1, 0.5), (2, 0.7)):
         d = tmp_path / f"lora-s{seed}"
         d.mkdir()
-        (d / "summary.json").write_text(json.dumps({**json.loads((other / "summary.json").read_text()), "seed": seed}))
+        s = json.loads((other / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**s, "config": {**s["config"], "seed": seed}}))
         (d / "eval.json").write_text((other / "eval.json").read_text().replace("0.625", str(avg)))
         seeds.append(d)
-    lines = ev.compare([*seeds, run]).splitlines()
-    assert len(lines) == 4 + 1  # header, lora (2 seeds), teamlora, majority, footnote
+    lines = ev.compare(seeds).splitlines()
+    assert len(lines) == 3 + 2  # header, lora (2 seeds), majority, two footnotes
     assert "(+1 seeds)" in lines[1] and "0.600 ± 0.141" in lines[1]
+    assert lines[2].split()[:3] == ["majority", "class", "-"] and lines[2].split()[-4:] == ["8", "-", "-", "0.750"]
 
 
 def test_routing_heatmap(tmp_path):
     pytest.importorskip("matplotlib")
     ev.save_heatmap({"nli": {"mean": [0.7, 0.3]}, "spam": {"mean": [0.4, 0.6]}}, tmp_path / "routing.png")
     assert (tmp_path / "routing.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_compare_averages_only_runs_that_differ_in_the_seed(tmp_path):
+    """Any flag that changes training (balance, dropout, seq_len, batch size, temperature...) makes
+    another setup; the seed and flags that only say how a run ran (out, eval limit...) do not."""
+    config = {"method": "teamlora", "rank": 8, "experts": 4, "router": None, "balance": 0.0, "dropout": 0.05,
+              "seq_len": 256, "batch_size": 8, "temperature": 1.0, "seed": 0, "out": "a", "eval_limit": 100}
+    runs = {"base-s0": {}, "base-s1": {"seed": 1, "out": "b", "eval_limit": 50, "save_every": 7},
+            "balance": {"balance": 0.1}, "dropout": {"dropout": 0.0}, "seq": {"seq_len": 128},
+            "batch": {"batch_size": 4}, "temperature": {"temperature": 2.0}}
+    for i, (name, change) in enumerate(runs.items()):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(
+            {"config": {**config, **change}, "trainable_pct": 1.0, "train_time_s": 10.0, "tokens_per_s": 100.0}))
+        (d / "eval.json").write_text(json.dumps({"average": 0.5 + i / 100, "tasks": {"spam": {"n": 1, "accuracy": 0.5}},
+                                                 "majority": {"average": 0.5, "tasks": {"spam": 0.5}}}))
+    elsewhere = tmp_path / "base-s2-tested-elsewhere"  # eval.py --data: the same setup, other test examples
+    elsewhere.mkdir()
+    (elsewhere / "summary.json").write_text((tmp_path / "base-s1" / "summary.json").read_text())
+    (elsewhere / "eval.json").write_text(json.dumps({**json.loads((tmp_path / "base-s1" / "eval.json").read_text()),
+                                                     "data": "elsewhere/"}))
+    lines = ev.compare([tmp_path / name for name in runs] + [elsewhere]).splitlines()
+    assert len(lines) == 1 + 7 + 1 + 2  # header, 7 setups, majority, footnotes
+    assert "(+1 seeds)" in lines[1] and sum("seeds" in line for line in lines[2:-1]) == 0
+    assert lines[-4].startswith(str(elsewhere))
+
+
+@pytest.mark.parametrize("argv", [["--ckpt", "nowhere"], ["--compare", "nowhere"], ["--ckpt"]])
+def test_eval_user_errors_are_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.cli(ev.main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err.strip().splitlines()[-1], err  # argparse: usage, then error
+
+
+def test_load_run_finds_a_moved_base_with_base(run_dir, tmp_path):
+    run, trained = run_dir
+    config = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in Path(config["base"]).iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "base": str(tmp_path / "nowhere")}}, gone / "checkpoint.pt")
+    with pytest.raises(common.CheckpointError, match="--base"):
+        common.load_run(gone)
+    model, tok, _ = common.load_run(gone, base=str(moved))
+    x = torch.tensor([tok.encode("a dog and a cat", bos=True, eos=False)])
+    torch.testing.assert_close(model(x), trained(x))

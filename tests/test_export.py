@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from test_model import hf_state, tiny, tokens, write_hf
 
 import data
-import eval as ev
 import teamlora
+import common
 from common import UserError
 from export import export_adapters, to_rotate_half
 from model import RMSNorm, Transformer, _unpermute_hf, ffn_hidden_dim, load_tokenizer, rope_frequencies
@@ -197,7 +197,7 @@ def test_commands_export_and_generate(tmp_path):
     config = json.loads((tmp_path / "exported" / "teamlora_config.json").read_text())
     assert config["targets"] == ["down_proj", "k_proj", "q_proj"] and config["router"] == "shapley"
 
-    model, tok, _ = ev.load_checkpoint(out)
+    model, tok, _ = common.load_run(out)
     ref = HFLlama(model.args)
     ref.load_state_dict(hf_state(tiny(vocab_size=tok.n_words)))
     load_exported(ref, tmp_path / "exported")
