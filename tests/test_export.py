@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_model import hf_state, tiny, tokens, write_hf
+from test_model import hf_state, one_thread, tiny, tokens, write_hf  # noqa: F401 (one_thread: autouse fixture)
 
 import data
 import teamlora
@@ -27,14 +27,6 @@ from model import RMSNorm, Transformer, _unpermute_hf, ffn_hidden_dim, load_toke
 ROOT = Path(__file__).resolve().parent.parent
 META_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 HF_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class HFLlama(nn.Module):
