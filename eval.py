@@ -214,13 +214,6 @@ def generate_answers(model, tok, examples, seq_len, max_new_tokens=32, batch_siz
     return answers
 
 
-def _entropy(p):
-    """Entropy (nats) of a distribution, clamped at 0 and renormalised (Shapley shares can dip below 0)."""
-    q = p.clamp(min=0)
-    q = q / q.sum().clamp(min=1e-12)
-    return -(q * q.clamp(min=1e-12).log()).sum().item()
-
-
 @torch.no_grad()
 def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None):
     """How each task's tokens are routed: teamlora.routing_stats over one forward of each example's
@@ -257,7 +250,7 @@ def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None
         mean = shares.mean(0)
         out[task] = {"tokens": int(sums[t, 0, -1]), "layers": {n: s.tolist() for n, s in zip(layers, shares)},
                      "mean": mean.tolist(), "entropy": (sums[t, :, k].sum() / tokens / len(layers)).item(),
-                     "load_entropy": _entropy(mean)}
+                     "load_entropy": teamlora.routing_entropy(mean).item()}
     return out
 
 

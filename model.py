@@ -178,10 +178,11 @@ class Transformer(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, reduction: str = "mean",
-                start_pos: int = 0) -> torch.Tensor:
+                start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) at positions start_pos .. start_pos+T-1.
 
-        Without targets: float logits (B, T, vocab_size). With targets (B, T), IGNORE where there is
+        Without targets: float logits (B, T, vocab_size), or (B, 1, vocab_size) of the last position
+        with last_only (generation's prefill needs no others). With targets (B, T), IGNORE where there is
         no loss: their cross-entropy, "mean" over the target positions or "none" (B, T) with 0 where
         ignored. The output layer and its float32 log-softmax then run only at the target positions:
         fine-tuning scores a few answer tokens, and a large vocabulary at every position would cost a
@@ -199,7 +200,7 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, start_pos, cos, sin)
         if targets is None:
-            return self.output(self.norm(h)).float()
+            return self.output(self.norm(h[:, -1:] if last_only else h)).float()
         keep = targets != IGNORE  # (B, T)
         # (N, vocab) logits at the N target positions only; float32 for the log-softmax under autocast
         logits = self.output(self.norm(h[keep])).float()
@@ -250,7 +251,7 @@ class Transformer(nn.Module):
         try:
             prev = 0
             for cur in range(min(lens), total):
-                logits = self(tokens[:, prev:cur], start_pos=prev)[:, -1]  # (B, vocab)
+                logits = self(tokens[:, prev:cur], start_pos=prev, last_only=True)[:, -1]  # (B, vocab)
                 nxt = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
                 tokens[:, cur] = nxt
                 if eos_id is not None:

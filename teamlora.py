@@ -52,7 +52,7 @@ Load balance (optional): with p_i the mean over real tokens of expert i's share 
 
 Public API: add_adapters (its signature holds every default), mark_only_adapters_trainable,
 adapter_state_dict, load_adapter_state_dict, adapter_aux_loss, merge_adapters, unmerge_adapters,
-routing_stats, parameter_report, adapter_layers. Base tensors keep their names (`...w1.weight`);
+routing_stats, routing_entropy, parameter_report, adapter_layers. Base tensors keep their names (`...w1.weight`);
 every adapter tensor's name starts with `lora_`, so base checkpoints load unchanged after injection.
 """
 import math
@@ -323,19 +323,24 @@ def adapter_aux_loss(model, mask=None):
     return torch.zeros((), dtype=torch.float32, device=param.device if param is not None else None)
 
 
+def routing_entropy(p):
+    """Entropy (nats) over the last dimension of expert shares p (..., k). Shapley weights can dip
+    below 0, so the shares are clamped at 0 and renormalised first; log k when they are even."""
+    q = p.clamp(min=0)
+    q = q / q.sum(-1, keepdim=True).clamp(min=1e-12)
+    return -(q * q.clamp(min=1e-12).log()).sum(-1)
+
+
 @torch.no_grad()
 def routing_stats(model, mask=None):
     """Per routed layer, from the last forward: {"weight_sum": (k,) sum over tokens of each expert's
-    share, "entropy_sum": sum over tokens of the routing entropy (nats), "tokens": count}. Sums, so
-    callers can accumulate over batches; mean share = weight_sum / tokens. Shapley weights can dip
-    below 0; the entropy uses the shares clamped at 0 and renormalised."""
+    share, "entropy_sum": sum over tokens of the routing entropy (nats, `routing_entropy`), "tokens":
+    count}. Sums, so callers can accumulate over batches; mean share = weight_sum / tokens."""
     stats = {}
     for name, layer in adapter_layers(model):
         if layer.routed and layer.last_weights is not None:
             p = _shares(layer, mask).float()
-            q = p.clamp(min=0)
-            q = q / q.sum(-1, keepdim=True).clamp(min=1e-12)
-            entropy = -(q * q.clamp(min=1e-12).log()).sum(-1)
+            entropy = routing_entropy(p)
             stats[name] = {"weight_sum": p.sum(0).cpu(), "entropy_sum": entropy.sum().item(), "tokens": p.shape[0]}
     return stats
 

@@ -140,6 +140,13 @@ def test_targets_under_bf16_autocast():
     torch.testing.assert_close(loss, full)
 
 
+def test_last_only_is_the_last_position_of_the_full_logits():
+    model, x = tiny(), tokens(T=10)
+    last = model(x, last_only=True)
+    assert last.shape == (x.shape[0], 1, model.args.vocab_size)
+    torch.testing.assert_close(last, model(x)[:, -1:])
+
+
 def test_generate_batch_equals_each_alone():
     model = tiny()
     prompts = [[5, 9, 17], [3, 1, 4, 1, 5, 9, 2]]
