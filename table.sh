@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The paper's main table in miniature, on a real base (SmolLM2-135M-Instruct by default) and the
-# built-in mixture: every setup x 3 seeds with the `cpu` preset cut to 150 steps (21 runs, 2 h to
-# 2 h 30 min on two cores), then one comparison table (mean ± sd over seeds). Resumable: a run with
-# an eval.json is skipped, so rerun after a stop. Memory: a TeamLoRA or LoRA run peaks near 6 GB,
-# MoELoRA near 9 GB, HydraLoRA near 12 GB (k full-width outputs per layer kept for the backward).
+# built-in mixture: every setup x 3 seeds with the `cpu` preset cut to 150 steps (21 runs; two at
+# a time on two cores, one thread each, a run took 9 to 13 minutes), then one comparison table
+# (mean ± sd over seeds). Resumable: a run with an eval.json is skipped, so rerun after a stop.
+# Memory: MoELoRA and HydraLoRA keep k full-width outputs per layer for the backward; on the
+# batches of seed 1 they peaked at 15 and 12 GB where LoRA and TeamLoRA stayed under 7 GB, so
+# JOBS=2 wants more than 24 GB.
 #   bash table.sh                                  # runs/table/<setup>-s<seed>/ and runs/table/table.txt
 #   BASE=/path/to/SmolLM2-135M-Instruct bash table.sh            # a local copy instead of the Hub id
 #   JOBS=2 SEEDS="0 1 2" SETUPS="lora-r8 teamlora" bash table.sh  # two runs at a time, one thread each
