@@ -42,7 +42,7 @@ OUTPUTS = (ADAPTERS, CHECKPOINT, "log.jsonl", "summary.json", "eval.json", "pred
 # train.py flags that say how a run is carried out, not what it computes: a resume may change
 # them, and eval.py --compare ignores them (and the seed) when it groups runs into one setup.
 RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "grad_checkpoint", "save_every", "eval_limit",
-            "no_eval", "timeout", "length_groups")
+            "no_eval", "timeout")
 
 # ----------------------------------------------------------------------------- user errors
 

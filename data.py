@@ -53,7 +53,6 @@ import functools
 import gzip
 import io
 import json
-import math
 import os
 import random
 import re
@@ -357,32 +356,6 @@ def collate(items, pad_id: int) -> dict:
     mask = torch.arange(T) < torch.tensor([len(x) for x, _, _ in items])[:, None]  # (B, T)
     task = torch.tensor([t for _, _, t in items], dtype=torch.long)  # (B,)
     return dict(tokens=tokens, targets=targets, mask=mask, task=task)
-
-
-def length_groups(lengths: list[int], n: int) -> list[list[int]]:
-    """Indices into lengths, cut into at most n groups of similar length with the fewest padded
-    tokens sum_g len(g) * max length in g: sorted by length, the best cut points by dynamic
-    programming (ties: fewer groups). Each group then runs as its own forward; the examples and
-    the loss are those of the whole batch, so only the padding (and the dropout draws) change."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    L = [lengths[i] for i in order]
-    m, n = len(L), max(1, min(n, len(L)))
-    # best[g][j]: fewest padded tokens for the first j sorted examples in g groups; cut[g][j]: its last cut
-    best = [[0] + [math.inf] * m] + [[math.inf] * (m + 1) for _ in range(n)]
-    cut = [[0] * (m + 1) for _ in range(n + 1)]
-    for g in range(1, n + 1):
-        for j in range(1, m + 1):
-            for i in range(g - 1, j):
-                cost = best[g - 1][i] + (j - i) * L[j - 1]
-                if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i
-    g = min(range(1, n + 1), key=lambda g: (best[g][m], g))
-    groups, j = [], m
-    while g > 0:
-        i = cut[g][j]
-        groups.append(order[i:j])
-        g, j = g - 1, i
-    return groups[::-1]
 
 
 # ----------------------------------------------------------------------------- task sampling

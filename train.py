@@ -33,12 +33,9 @@ from model import Transformer
 # The defaults of the flags whose help says "preset". tiny: the quick start on the tiny base.
 # cpu: small real bases on a CPU. paper: the paper's recipe (README, Method notes). 0 = no limit.
 PRESETS = {
-    "tiny": dict(lr=2e-3, max_steps=400, batch_size=16, grad_accum=1, seq_len=256, warmup=0.03, eval_limit=0,
-                 length_groups=1),
-    "cpu": dict(lr=1e-3, max_steps=300, batch_size=8, grad_accum=1, seq_len=256, warmup=0.05, eval_limit=100,
-                length_groups=2),
-    "paper": dict(lr=2e-4, max_steps=0, batch_size=4, grad_accum=8, seq_len=1024, warmup=0.03, eval_limit=0,
-                  length_groups=1),
+    "tiny": dict(lr=2e-3, max_steps=400, batch_size=16, grad_accum=1, seq_len=256, warmup=0.03, eval_limit=0),
+    "cpu": dict(lr=1e-3, max_steps=300, batch_size=8, grad_accum=1, seq_len=256, warmup=0.05, eval_limit=100),
+    "paper": dict(lr=2e-4, max_steps=0, batch_size=4, grad_accum=8, seq_len=1024, warmup=0.03, eval_limit=0),
 }
 
 
@@ -77,8 +74,6 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, help="examples per device per micro-step " + preset("batch_size"))
     p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step " + preset("grad_accum"))
     p.add_argument("--seq-len", type=int, help="tokens per example, longer inputs are cut " + preset("seq_len"))
-    p.add_argument("--length-groups", type=int, help="run each micro-batch as up to N forwards of examples of "
-                   "similar length: less padding, the same loss " + preset("length_groups"))
     p.add_argument("--lr", type=float, help="peak learning rate " + preset("lr"))
     p.add_argument("--warmup", type=float, help="warm-up fraction of the steps " + preset("warmup"))
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter matrices")
@@ -106,7 +101,7 @@ def get_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = args.out or f"runs/{args.method}"
-    for flag in ("rank", "experts", "batch_size", "grad_accum", "seq_len", "length_groups"):
+    for flag in ("rank", "experts", "batch_size", "grad_accum", "seq_len"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.temperature <= 0 or (args.task_cap is not None and args.task_cap < 1):
@@ -189,19 +184,16 @@ def cosine_lr(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def batches(ds, sampler, tok, batch_size, groups, start, device):
+def batches(ds, sampler, tok, batch_size, start, device):
     """Micro-batches of exactly batch_size examples from example `start` of this rank's stream of
-    concatenated epochs (a batch may span two epochs), so a step count is a data position. Each is
-    a list of collated pieces: its examples cut into up to `groups` of similar length."""
+    concatenated epochs (a batch may span two epochs), so a step count is a data position."""
     epoch, pos = divmod(start, len(sampler))
     chunk = []
     while True:
         for j in sampler.epoch(epoch)[pos:]:
-            chunk.append(ds[j])
+            chunk.append(j)
             if len(chunk) == batch_size:
-                pieces = data.length_groups([len(x) for x, _, _ in chunk], groups)
-                yield [{k: v.to(device) for k, v in data.collate([chunk[i] for i in g], tok.pad_id).items()}
-                       for g in pieces]
+                yield {k: v.to(device) for k, v in data.collate([ds[i] for i in chunk], tok.pad_id).items()}
                 chunk = []
         epoch, pos = epoch + 1, 0
 
@@ -289,12 +281,11 @@ def task_sums(batch, losses, n_tasks):
     return sums
 
 
-def record(sums, aux, pieces, grad_norm, lr, dt, progress, tasks, world, device):
-    """The step's log record, over all ranks; adds the step's time and input tokens (padding not
-    counted) to progress."""
+def record(sums, aux, micro, grad_norm, lr, dt, progress, tasks, world, device):
+    """The step's log record, over all ranks; adds the step's time and input tokens to progress."""
     sums = common.all_reduce(sums, device)
     aux = common.all_reduce(aux, device) / world
-    tokens = int(common.all_reduce(sum(b["mask"].sum() for b in pieces), device))
+    tokens = int(common.all_reduce(torch.tensor(sum(b["tokens"].numel() for b in micro), device=device), device))
     progress.update(step=progress["step"] + 1, train_time=progress["train_time"] + dt,
                     tokens=progress["tokens"] + tokens, loss=(sums[0].sum() / sums[1].sum()).item())
     return {"step": progress["step"], "loss": progress["loss"], "aux": aux.item(), "lr": lr,
@@ -347,7 +338,7 @@ def train(args, rank, world, device):
         if device.type == "cuda" and "cuda" in resume["rng"][rank]:
             torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(args, device) else nullcontext()
-    stream = batches(ds, sampler, tok, args.batch_size, args.length_groups, progress["step"] * per_step, device)
+    stream = batches(ds, sampler, tok, args.batch_size, progress["step"] * per_step, device)
     if progress["step"] >= steps and master:
         print(f"{out} finished its {steps} steps already; nothing to train")
     bar = tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True)
@@ -355,27 +346,27 @@ def train(args, rank, world, device):
     while progress["step"] < steps:
         t0 = time.time()
         lr = sched.get_last_lr()[0]  # the lr this step uses; sched.step() below sets the next one
-        pieces = [b for _ in range(args.grad_accum) for b in next(stream)]  # each micro-batch's pieces
+        micro = [next(stream) for _ in range(args.grad_accum)]
         # The loss is summed over answer tokens and divided by the step's answer tokens on all
         # ranks, times the world size since DDP averages gradients: one process on the global batch.
-        n_answer = common.all_reduce(sum((b["targets"] != data.IGNORE).sum() for b in pieces).float(), device)
+        n_answer = common.all_reduce(sum((b["targets"] != data.IGNORE).sum() for b in micro).float(), device)
         sums = torch.zeros(2, len(ds.tasks), dtype=torch.float64, device=device)
         aux_sum = torch.zeros((), device=device)
-        for i, b in enumerate(pieces):
-            if ddp:  # gradients sync across ranks on the last forward only, set before it
-                model.require_backward_grad_sync = i == len(pieces) - 1
+        for i, b in enumerate(micro):
+            if ddp:  # gradients sync across ranks on the last micro-step only, set before its forward
+                model.require_backward_grad_sync = i == args.grad_accum - 1
             with autocast:
                 losses = token_losses(model, b)  # (B, T)
-            aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over a piece's real tokens
-            loss = losses.sum() * world / n_answer + args.balance * aux / len(pieces)
+            aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over real tokens
+            loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
             loss.backward()
             sums += task_sums(b, losses.detach(), len(ds.tasks))
-            aux_sum += aux.detach() / len(pieces)
+            aux_sum += aux.detach() / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        rec = record(sums, aux_sum, pieces, grad_norm, lr, time.time() - t0, progress, ds.tasks, world, device)
+        rec = record(sums, aux_sum, micro, grad_norm, lr, time.time() - t0, progress, ds.tasks, world, device)
         if master:
             log.write(json.dumps(rec) + "\n")
             bar.update(1)
@@ -394,9 +385,7 @@ def print_config(args, world, steps, report, tasks, n_train, n_test):
     """The resolved flags, the global batch and the parameter counts, once (rank 0)."""
     print(f"config: {json.dumps(vars(args))}")
     print(f"global batch: {world} process{'es' * (world > 1)} x {args.batch_size} examples x {args.grad_accum} "
-          f"micro-steps = {world * args.batch_size * args.grad_accum} examples per step"
-          f"{f' (a micro-step: up to {args.length_groups} forwards by length)' if args.length_groups > 1 else ''}; "
-          f"{steps} steps; "
+          f"micro-steps = {world * args.batch_size * args.grad_accum} examples per step; {steps} steps; "
           f"{n_train} train / {n_test} test examples, tasks {tasks}")
     print(f"{args.method}: {report['trainable']:,} trainable of {report['base']:,} base parameters "
           f"({report['trainable_pct']:.3f}%; router {report['router']:,})")

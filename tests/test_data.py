@@ -1,10 +1,8 @@
 """data.py: reading and checking mixtures, loss masks and truncation, the task sampler, the tokenizer."""
 import gzip
 import io
-import itertools
 import json
 import os
-import random
 import subprocess
 import sys
 from collections import Counter
@@ -387,21 +385,3 @@ def test_command_line(tmp_path):
         f"{mix}:3: field 'task' is empty"]
     out = run("-c", "import model")
     assert (out.returncode, out.stderr) == (0, "")
-
-
-def test_length_groups_cut_sorted_lengths_with_the_fewest_padded_tokens():
-    padded = lambda lengths, groups: sum(len(g) * max(lengths[i] for i in g) for g in groups)  # noqa: E731
-    assert data.length_groups([5, 5, 5, 5], 3) == [[0, 1, 2, 3]]  # nothing to save: one forward
-    assert data.length_groups([9, 2, 3, 10], 2) == [[1, 2], [0, 3]]
-    assert data.length_groups([4, 1], 5) == [[1], [0]]  # never more groups than examples
-    rng = random.Random(0)
-    for _ in range(200):
-        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
-        n = rng.randint(1, 4)
-        groups = data.length_groups(lengths, n)
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and len(groups) <= n
-        # against every way of cutting the sorted lengths into at most n runs
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        best = min(padded(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
-                   for k in range(n) for cuts in itertools.combinations(range(1, len(order)), k))
-        assert padded(lengths, groups) == best
