@@ -60,8 +60,9 @@ def knockout_table(ko):
     variants = ko["variants"]
     tasks = list(variants["all"]["tasks"])
     full = variants["all"]["average"]
-    rows = [[name, v["average"], _keeps(v["average"], full), *(v["tasks"].get(t) for t in tasks)]
-            for name, v in variants.items()]
+    keeps = [_keeps(v["average"], full) for v in variants.values()]  # as text, one decimal, right-aligned
+    rows = [[name, v["average"], "-".rjust(5) if p is None else f"{p:5.1f}", *(v["tasks"].get(t) for t in tasks)]
+            for (name, v), p in zip(variants.items(), keeps)]
     notes = [f"top-1 keeps {_pct(ko['top1_keeps_pct'])} of the full score (each token's best expert, weight "
              f"renormalised to the router's total); the best fixed expert ({ko['best_alone']}) keeps "
              f"{_pct(ko['best_alone_keeps_pct'])}",
@@ -104,7 +105,7 @@ def interaction_table(summary):
              "U(-0.1, 0.1), diagonal 1)"]
     for word in ("raises", "lowers"):
         if summary[word]:
-            notes.append(f"{word}: " + ", ".join(f"e{j} {word[:-1]} e{i} ({m:+.3f})" for j, i, m in summary[word][:3]))
+            notes.append(f"{word} (strongest): " + ", ".join(f"e{j} {word} e{i} ({m:+.3f})" for j, i, m in summary[word][:3]))
     return ["M: weight of", *(f"e{j}" for j in range(k))], [[f"e{i}", *row] for i, row in enumerate(M)], notes
 
 
