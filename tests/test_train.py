@@ -342,8 +342,9 @@ def test_checkpoint_format_and_adapter_config_rebuilds(setup, tmp_path):
     out = tmp_path / "run"
     train.main(flags(setup, out, "--max-steps", "1", "--batch-size", "2", "--no-eval", "--method", "moelora"))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"config", "adapter", "base_path", "step", "train_time", "tokens", "loss", "optimizer",
-                         "scheduler", "rng", "data"}
+    assert set(ckpt) == {"config", "adapter", "base_path", "step", "train_time", "tokens", "loss", "skipped",
+                         "optimizer", "scheduler", "rng", "data"}
+    assert ckpt["data"] == {"epoch": 0, "offset": 2, "examples_seen": 2} and ckpt["skipped"] == 0
     assert ckpt["config"] == vars(train.get_args(flags(setup, out, "--max-steps", "1", "--batch-size", "2",
                                                        "--no-eval", "--method", "moelora")))
     assert ckpt["adapter"] == {"method": "moelora", "rank": 2, "experts": 2, "alpha": 32.0, "dropout": 0.05,
