@@ -31,6 +31,7 @@ finished (--resume continues); 4 a non-finite loss or gradient norm (nothing of 
 import gc
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
@@ -129,6 +130,28 @@ def distributed(device=None, timeout_min=30.0):
         # some processes abort at exit ("terminate called without an active exception").
         gc.collect()
         dist.destroy_process_group()
+
+
+# A scheduler asks a job to stop before it kills it: SLURM sends SIGTERM and, after a grace
+# period, SIGKILL; --signal=USR1@T sends SIGUSR1 T seconds before the time limit.
+STOP_SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s)]  # no SIGUSR1 on Windows
+stop_signal = []  # the stop signals this process received; train.py's loop acts on them
+
+
+def on_stop_signal(signum, frame):
+    """Only records the signal; train.py stops at its next step boundary. Nothing else runs here,
+    so a second signal, during the checkpoint's write, cannot interrupt that write."""
+    stop_signal.append(signal.Signals(signum).name)
+
+
+def catch_stop_signals():
+    """From now on, for the rest of the process, SIGTERM and SIGUSR1 ask the run to stop (a
+    scheduler's warning before SIGKILL) instead of killing it: also while it exits, so that a
+    launcher tearing the ranks down does not turn a run's exit status into 143."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_stop_signal)
+        if hasattr(signal, "siginterrupt"):
+            signal.siginterrupt(s, False)  # a read or write under way goes on instead of failing (EINTR)
 
 
 def is_main():

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import sys
 import time
 import warnings
@@ -22,7 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
-warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")  # a skipped first step
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")  # before optimizer.step(): a skipped step 1
 import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -323,7 +322,7 @@ def save(model, adapter, base, opt, sched, progress, args, device):
         sizes = [v.numel() for v in rng.values()]
         rngs = [dict(zip(rng, p.cpu().split(sizes))) for p in parts]
     if common.is_main():
-        state = {"config": vars(args), "adapter": adapter, "base_path": str(base), **progress,  # data: where next
+        state = {"config": vars(args), "adapter": adapter, "base_path": str(base), **progress,  # data: where step+1 starts
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}
         common.save_checkpoint(args.out, common.trained_tensors(model, adapter), state)
 
@@ -349,7 +348,7 @@ def step_totals(sums, aux, micro, grad_norm, world, device):
     """The step's one collective, between backward and the update, read back once: the per-task
     sums (2, n_tasks), the balance term, the input tokens and two flags (a non-finite gradient
     norm, a stop signal) over all ranks, so that every rank takes the same decisions."""
-    flags = torch.tensor([sum(b["tokens"].numel() for b in micro), bool(stop_signal)], device=device)
+    flags = torch.tensor([sum(b["tokens"].numel() for b in micro), bool(common.stop_signal)], device=device)
     local = torch.cat([sums.flatten(), aux.view(1), (~torch.isfinite(grad_norm)).view(1), flags]).double()
     total = common.all_reduce(local, device).tolist()
     n = sums.numel()
@@ -403,6 +402,7 @@ def open_log(out, step):
 
 
 def write_record(log, rec, bar):
+    """rec into log.jsonl (a write that fails stops the run with one line naming the file)."""
     try:
         log.write(json.dumps(rec) + "\n")
     except OSError as e:
@@ -413,32 +413,12 @@ def write_record(log, rec, bar):
 
 # ----------------------------------------------------------------------------- stopping: signals, a lost rank
 
-STOP_SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s)]  # no SIGUSR1 on Windows
-stop_signal = []  # the stop signals this process received (on_stop_signal); the loop acts on them
-
-
-def on_stop_signal(signum, frame):
-    """Only records the signal: the loop stops at its next step boundary (step_totals). Nothing else
-    runs here, so a second signal, during the checkpoint's write, cannot interrupt that write."""
-    stop_signal.append(signal.Signals(signum).name)
-
-
-def catch_stop_signals():
-    """From now on, for the rest of the process, SIGTERM and SIGUSR1 ask the run to stop (a
-    scheduler's warning before SIGKILL) instead of killing it: also while it exits, so that a
-    launcher tearing the ranks down does not turn a run's exit status into 143."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, on_stop_signal)
-        if hasattr(signal, "siginterrupt"):
-            signal.siginterrupt(s, False)  # a read or write under way goes on instead of failing (EINTR)
-
-
 def preempted(progress, args):
     """The stop after a signal's checkpoint: every rank first waits for rank 0 to write it (a
     launcher tears all ranks down as soon as one exits)."""
     common.barrier()
-    why = stop_signal[0] if stop_signal else "a signal to another rank"
-    stop_signal.clear()  # answered: a later run in this process (a test, a notebook) starts afresh
+    why = common.stop_signal[0] if common.stop_signal else "a signal to another rank"
+    common.stop_signal.clear()  # answered: a later run in this process (a test, a notebook) starts afresh
     raise common.Preempted(f"stopped on {why} after step {progress['step']}, saved in {args.out}")
 
 
@@ -596,5 +576,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    catch_stop_signals()
+    common.catch_stop_signals()
     cli(main)

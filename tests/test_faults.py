@@ -47,13 +47,13 @@ def no_leftovers(out):
 
 @pytest.fixture
 def stop_signals():
-    """train.catch_stop_signals in this process for one test; the handlers and state as before after."""
-    before = {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
-    train.catch_stop_signals()
+    """common.catch_stop_signals in this process for one test; the handlers and state as before after."""
+    before = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
+    common.catch_stop_signals()
     yield
     for s, handler in before.items():
         signal.signal(s, handler)
-    train.stop_signal.clear()
+    common.stop_signal.clear()
 
 
 def at_micro_batch(monkeypatch, action):
