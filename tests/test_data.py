@@ -13,6 +13,7 @@ import sentencepiece as spm
 import torch
 
 import data
+import pretrain
 from data import IGNORE, Example
 from model import Tokenizer
 
@@ -342,20 +343,20 @@ def test_tokenizer_trains_and_round_trips(tmp_path):
 def test_pretraining_texts_and_lm_batches(sp_tokenizer):
     train = [Example("t", "Name it.", "a cat", "SECRET", None), Example("u", "Pick.", "", "b", ["a", "b"]),
              Example("u", "Pick again.", "x", "a", ["a", "b"])]
-    texts = list(data.pretraining_texts(train))
+    texts = list(pretrain.pretraining_texts(train))
     assert texts[0] == "PRIDE AND PREJUDICE" and len(texts) > 10000  # the corpus first
     assert texts[-4:] == ["Name it.\na cat", "Pick.", "Pick again.\nx", "Answers: a, b"]
     assert not any("SECRET" in t for t in texts)
 
     tok = sp_tokenizer
-    stream = data.lm_stream(tok, ["one two", "three"])
+    stream = pretrain.lm_stream(tok, ["one two", "three"])
     assert stream.tolist() == tok.encode("one two", True, True) + tok.encode("three", True, True)
     stream = torch.arange(100)
-    x, y = data.lm_batch(stream, 4, 16, torch.Generator().manual_seed(0))
+    x, y = pretrain.lm_batch(stream, 4, 16, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 16) and torch.equal(y, x + 1)
-    assert torch.equal(x, data.lm_batch(stream, 4, 16, torch.Generator().manual_seed(0))[0])
+    assert torch.equal(x, pretrain.lm_batch(stream, 4, 16, torch.Generator().manual_seed(0))[0])
     with pytest.raises(ValueError, match="seq_len"):
-        data.lm_batch(stream, 1, 100, torch.Generator())
+        pretrain.lm_batch(stream, 1, 100, torch.Generator())
 
 
 # ----------------------------------------------------------------------------- the command line
