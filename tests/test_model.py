@@ -431,3 +431,13 @@ def test_tokenizer_errors(tmp_path):
     except ImportError:
         with pytest.raises(ImportError, match="pip install tokenizers"):
             load_tokenizer(json_dir)
+
+
+def test_command_line_help_shows_the_defaults(capsys):
+    import model
+
+    with pytest.raises(SystemExit) as e:
+        model.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "(default: 32)" in text and "(default: The capital of France is)" in text
+    assert "'tiny'" in text and "--adapters" not in text  # a run's adapters: eval.py --ckpt OUT --prompt
