@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from common import cli
+from common import cli, default_device
 from data import Example, load_mixture, train_tokenizer
 from model import ModelArgs, Transformer, load_tokenizer, tiny_dir
 
@@ -124,8 +124,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"tiny base of {args.steps} steps: {tiny_base(args.steps, device)}")
+    print(f"tiny base of {args.steps} steps: {tiny_base(args.steps, default_device(args.device))}")
 
 
 if __name__ == "__main__":

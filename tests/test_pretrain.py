@@ -61,7 +61,7 @@ def weights(path):
     return torch.load(path / "consolidated.00.pth", weights_only=True)
 
 
-def test_the_tiny_base_is_cached_per_step_count_and_built_again_when_its_text_changes(small, monkeypatch):
+def test_the_tiny_base_is_cached_per_step_count_and_built_again_when_its_text_changes(small, monkeypatch, tmp_path):
     one = pretrain.tiny_base(1)
     assert one == model.tiny_dir(1) == model.TINY_BASE / "1-steps"
     assert json.loads((one / "built_from.json").read_text())["steps"] == 1
@@ -73,6 +73,11 @@ def test_the_tiny_base_is_cached_per_step_count_and_built_again_when_its_text_ch
     assert any(not torch.equal(before[k], w) for k, w in weights(two).items())
     with pytest.raises(CheckpointNotFound, match=r"python pretrain.py --steps 700"):
         common.base_dir("tiny")  # 700 steps: not built here
+    run = tmp_path / "run"  # a run trained on the 2-step base, whose stored base_path is gone
+    run.mkdir()
+    common.save_checkpoint(run, {"w": torch.zeros(1)}, {"step": 0, "adapter": None, "base_path": str(tmp_path / "gone"),
+                                                        "config": {"base": "tiny", "pretrain_steps": 2}})
+    assert common.open_run(run)[1] == two and common.open_run(run, base="tiny")[1] == two
 
     stamp = (one / "built_from.json").read_text()
     with monkeypatch.context() as m:  # the same length and text again: reused, nothing trained
