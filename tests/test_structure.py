@@ -5,11 +5,12 @@ functions short.
     python -m pytest -q tests/test_structure.py
 """
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {p.stem: p for p in sorted(ROOT.glob("*.py"))}
-# The layers (README, "Files"): each file imports only files of a lower layer; a file absent here
+# The layers, bottom first (README, "Tests"): a file imports only files of a lower layer; one absent here
 # (a new entry point) belongs on top.
 LAYERS = [{"teamlora", "model", "data"}, {"common"}]
 SHORT = ("train", "eval", "data", "teamlora")  # no function over MAX_LINES in these
@@ -57,6 +58,14 @@ def test_the_files_import_each_other_in_layers_without_a_cycle():
 
     for m in graph:
         visit(m)
+
+
+def test_teamlora_py_needs_only_torch_to_be_copied():
+    """Copying teamlora.py into another project must be enough: torch and the standard library."""
+    tree = ast.parse(MODULES["teamlora"].read_text())
+    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert names - {"torch"} <= set(sys.stdlib_module_names), names
 
 
 def test_the_scan_sees_imports_inside_functions(tmp_path):
