@@ -42,7 +42,6 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import data
 import teamlora
 from data import DataError
 from model import CheckpointError, Transformer, checkpoint_args, load_tokenizer, resolve_base
@@ -295,10 +294,11 @@ def _legacy(ckpt):
     return {**ckpt, "adapter": adapter, "base_path": config["base"], "tensors": tensors, "legacy": True}
 
 
-def base_dir(name):
-    """The directory of a --base: the built-in tiny base for "tiny", else a checkpoint directory or
-    a Hub id fetched into the Hugging Face cache (model.resolve_base)."""
-    return data.TINY_BASE if name == "tiny" else resolve_base(name)
+def base_dir(name, pretrain_steps=700):
+    """The directory of a --base: a checkpoint directory, a Hub id fetched into the Hugging Face
+    cache, or for "tiny" the tiny base of pretrain_steps steps once built (model.resolve_base;
+    train.py builds it first with pretrain.py)."""
+    return resolve_base(name, pretrain_steps)
 
 
 def check_base(path):
@@ -315,11 +315,12 @@ def open_run(out_dir, base=None):
     it: a relative path from here, a Hub id fetched again."""
     ckpt = read_checkpoint(out_dir)
     path = Path(ckpt["base_path"])
+    steps = ckpt["config"].get("pretrain_steps", 700)  # which tiny base, for "tiny"
     if base:
-        path = base_dir(base)
+        path = base_dir(base, steps)
     elif not path.is_dir():  # moved, or trained on another machine
         try:
-            path = base_dir(ckpt["config"]["base"])
+            path = base_dir(ckpt["config"]["base"], steps)
         except CheckpointError as e:
             raise CheckpointError(f"{out_dir}: its base is gone ({e}); say where it is now with --base") from None
     return ckpt, path, check_base(path)[0]

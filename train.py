@@ -30,6 +30,7 @@ from tqdm import tqdm
 import common
 import data
 import eval as evaluation
+import pretrain
 import teamlora
 from common import UserError, cli
 from model import Transformer
@@ -155,9 +156,9 @@ def build(args, device):
     tokenizer and config, and the adapter flags (on the model built without storage)."""
     train, test = data.load_mixture(args.data)
     if args.base == "tiny" and common.is_main():
-        data.tiny_base(args.pretrain_steps, device)  # first use only; the other ranks wait at the barrier
+        pretrain.tiny_base(args.pretrain_steps, device)  # first use only; the other ranks wait at the barrier
     common.barrier()
-    base = common.base_dir(args.base)
+    base = common.base_dir(args.base, args.pretrain_steps)
     tok, config = common.check_base(base)
     with torch.device("meta"):  # the adapter flags tried on a model without storage
         attach(Transformer(config), args)

@@ -403,7 +403,7 @@ def test_a_checkpoint_with_only_tokenizer_json_trains_evaluates_and_generates(hf
     assert set(json.loads((out / "eval.json").read_text())["tasks"]) == {"color", "copy"}
     evaluation.main(["--ckpt", str(out), "--limit", "2", "--max-new-tokens", "2"])
     model_py.main([str(hf_base), "--prompt", "red cat", "--max-new-tokens", "3"])
-    model_py.main([str(hf_base), "--adapters", str(out), "--prompt", "red cat", "--max-new-tokens", "3"])
+    evaluation.main(["--ckpt", str(out), "--prompt", "red cat", "--max-new-tokens", "3"])  # with its adapters
     assert capsys.readouterr().out.count("red cat") == 2
 
 
