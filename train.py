@@ -290,12 +290,16 @@ def restore(ckpt, model, adapter, opt, sched, epoch_size):
         teamlora.load_adapter_state_dict(model, ckpt["tensors"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
-    position = ckpt["data"]
-    if "epoch" not in position:  # written before positions were global: on its own layout, step x its batch
-        world, per_step = len(ckpt["rng"]), layout(len(ckpt["rng"]), ckpt["config"])[1]
-        position = advance(START, ckpt["step"] * per_step, epoch_size, world)
     return {**{k: ckpt[k] for k in ("step", "train_time", "tokens", "loss")}, "skipped": ckpt.get("skipped", 0),
-            "data": position}
+            "data": data_position(ckpt, epoch_size)}
+
+
+def data_position(ckpt, epoch_size):
+    """Where a checkpoint's run stands in the stream; one written before positions were global
+    holds each rank's count only, and had dealt the epochs as example_stream does on its ranks."""
+    if "epoch" in ckpt["data"]:
+        return ckpt["data"]
+    return advance(START, ckpt["step"] * layout(len(ckpt["rng"]), ckpt["config"])[1], epoch_size, len(ckpt["rng"]))
 
 
 def seed_dropout(args, rank, world, resume, device):

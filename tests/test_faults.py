@@ -200,7 +200,8 @@ def test_the_data_position_is_global():
     """example_stream and advance, on a mixture of odd size (11): a resume on the same number of
     ranks continues each rank's stream exactly, across epochs; on another number, each later
     global step takes the examples the uninterrupted run takes, to the end of the epoch (where
-    the epoch's cut to a multiple of the world size may differ)."""
+    the epoch's cut to a multiple of the world size may differ); a checkpoint of the format
+    before (a per-rank count) goes on where it stood."""
     sampler = data.MixtureSampler([0] * 7 + [1] * 4, seed=3)
     size = len(sampler)
 
@@ -213,6 +214,12 @@ def test_the_data_position_is_global():
         for k in range(9):
             there = train.advance(train.START, k * world * per_rank, size, world)
             assert steps(there, world, per_rank, 9 - k) == whole[k:], (world, per_rank, k)
+    legacy = {"step": 3, "rng": [{}, {}], "config": {"batch_size": 2, "grad_accum": 1}, "data": {"examples_seen": 6}}
+    for rank in range(2):  # a checkpoint of the format before: each rank went on from step x its own batch
+        shard = data.MixtureSampler([0] * 7 + [1] * 4, seed=3, rank=rank, world_size=2)
+        before = [i for e in range(3) for i in shard.epoch(e)][6:]  # as train.py's batches took them then
+        now = train.example_stream(sampler, train.data_position(legacy, size), rank, 2)
+        assert [next(now) for _ in before] == before
     whole = steps(train.START, 2, 2, 2)  # one process now takes what two took, and the reverse
     assert steps(train.advance(train.START, 4, size, 2), 1, 4, 1) == whole[1:]
     assert steps(train.advance(train.START, 4, size, 1), 2, 2, 1) == steps(train.START, 1, 4, 2)[1:]
