@@ -5,6 +5,7 @@ baseline, and how the routed experts share the work of each task. Scoring, the t
     python eval.py --ckpt runs/teamlora                   # prints the tables, writes eval.json and predictions
     torchrun --nproc_per_node 8 eval.py --ckpt runs/teamlora --data my_mix/
     python eval.py --compare runs/lora runs/teamlora      # one row per run
+    python eval.py --ckpt runs/teamlora --knockout        # + the experts knocked out (analyses.py)
     python eval.py --ckpt runs/teamlora --prompt "..."    # generate with the run's adapters instead
 
 A task with choices is scored by likelihood: every choice is appended to the prompt as the
@@ -18,7 +19,8 @@ counts are summed with all_reduce.
 --ckpt OUT writes OUT/eval.json (the tables' numbers, and the data and limit they come from),
 OUT/predictions.jsonl (one line per test example: task, input, gold, predicted, score = the
 chosen choice's log-likelihood or the answer's ROUGE-L, correct) and, for routed methods with
-matplotlib installed, OUT/routing.png; train.py's final evaluation writes the same three files.
+matplotlib installed, OUT/routing.png and OUT/routing_layers.png (+ OUT/interaction.png for shapley
+routers, analyses.py); train.py's final evaluation writes the same files but interaction.png.
 """
 import argparse
 import json
