@@ -426,11 +426,14 @@ def parameter_report(model):
     trainable, and the trainable share of the base model in percent."""
     count = {"adapter": 0, "router": 0, "total": 0, "trainable": 0}
     for n, p in model.named_parameters():
-        leaf = n.rsplit(".", 1)[-1]
-        count["total"] += p.numel()
-        count["trainable"] += p.numel() if p.requires_grad else 0
+        owner, _, leaf = n.rpartition(".")
+        layer, numel = model.get_submodule(owner), p.numel()
+        if leaf == "weight" and isinstance(layer, nn.Linear):  # a packed (quantized) weight: the matrix it stands for
+            numel = layer.in_features * layer.out_features
+        count["total"] += numel
+        count["trainable"] += numel if p.requires_grad else 0
         if leaf.startswith(PREFIX):
-            count["router" if ".router." in f".{n}" else "adapter"] += p.numel()
+            count["router" if ".router." in f".{n}" else "adapter"] += numel
     count["base"] = count["total"] - count["adapter"] - count["router"]
     count["trainable_pct"] = 100.0 * count["trainable"] / max(count["base"], 1)
     return count

@@ -82,6 +82,8 @@ def get_args(argv=None):
     p.add_argument("--task-cap", type=int, help="at most this many training examples per task (default: all)")
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 autocast on GPUs, else float32")
+    p.add_argument("--quantize", choices=common.QUANTIZE, help="load the frozen base's block layers quantized "
+                   "with bitsandbytes (QLoRA-style: nf4 = 4-bit NormalFloat, int8 = LLM.int8()); default: not")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward")
@@ -110,6 +112,8 @@ def get_args(argv=None):
         p.error("--max-steps, --save-every and --eval-limit cannot be negative")
     if args.method == "lora" and args.router:
         p.error("--router: method lora has no router")
+    if args.method == "full" and args.quantize:
+        p.error("--quantize: --method full trains every weight, and quantized weights cannot be trained")
     return args
 
 
@@ -153,7 +157,7 @@ def build(args, device):
     with torch.device("meta"):  # the adapter flags tried on a model without storage
         attach(Transformer(config), args)
     dtype = torch.bfloat16 if use_bf16(args, device) and device.type == "cuda" else torch.float32  # CPUs: float32
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+    model = common.load_base(base, dtype, device, args.quantize)
     model.gradient_checkpointing = args.grad_checkpoint
     if args.method == "full":
         model.float()  # full fine-tuning keeps float32 master weights
