@@ -168,7 +168,7 @@ class AdapterLinear(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         n = len(unexpected)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        if self.base is not None:  # the base's entries again, through its own loader (and hooks): bnb 8-bit's SCB
+        if self.base is not None:  # what nn.Module did not know (bnb 8-bit: SCB), through the base's own loader
             own = unexpected[n:] + [prefix + "weight", prefix + "bias"]
             theirs = {k: v for k, v in state_dict.items() if k in own}
             del unexpected[n:]
