@@ -165,3 +165,77 @@ def test_table_for_llama2_7b_and_70b(capsys):
         assert cells[1] < cells[0] and cells[3] < cells[2] and cells[2] < cells[0]  # checkpointing, sharding save
     big = {label: cells for label, _, cells in memory.table(memory.SHAPES["llama2-70b"], 8, 4, 1024, 0.05)}
     assert big["LoRA r32"][1] > 80 and big["TeamLoRA k4 r32"][3] < 80  # 70B: bf16 weights alone are 138 GB
+
+
+# ----------------------------------------------------------------------------- the balance term: no host sync
+
+
+def routed_ffn(device="cpu"):
+    torch.manual_seed(0)
+    return tl.add_adapters(FeedForward(16, 24), "teamlora", rank=2, experts=4).to(device)
+
+
+def test_aux_loss_and_routing_stats_equal_the_boolean_indexing_they_replace():
+    model = routed_ffn()
+    x, mask = torch.randn(3, 7, 16), torch.rand(3, 7) > 0.4
+    model(x)
+    aux, stats = tl.adapter_aux_loss(model, mask), tl.routing_stats(model, mask)
+    expected = []
+    for name, layer in tl.adapter_layers(model):
+        p = (layer.last_weights / layer.router.total).reshape(-1, layer.k)[mask.reshape(-1)]  # the old p[mask]
+        expected.append(layer.k * ((p.mean(0) - 1 / layer.k) ** 2).sum())
+        assert stats[name]["tokens"] == int(mask.sum())
+        torch.testing.assert_close(stats[name]["weight_sum"], p.sum(0))
+        assert stats[name]["entropy_sum"] == pytest.approx(tl.routing_entropy(p).sum().item(), rel=1e-6)
+    torch.testing.assert_close(aux, torch.stack(expected).mean())
+    torch.testing.assert_close(tl.adapter_aux_loss(model), tl.adapter_aux_loss(model, torch.ones(3, 7, dtype=torch.bool)))
+
+
+def test_aux_loss_has_no_data_dependent_op():
+    """On the meta device a data-dependent op (p[mask], nonzero, .item()) raises: what runs there
+    needs no device-to-host sync on a GPU either."""
+    model = routed_ffn("meta")
+    for _, layer in tl.adapter_layers(model):  # a forward's weights (..., k), as route() keeps them
+        layer.last_weights = torch.empty(3, 7, layer.k, device="meta")
+    loss = tl.adapter_aux_loss(model, torch.empty(3, 7, dtype=torch.bool, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the proxy does catch a sync
+        model.w1.last_weights[torch.empty(3, 7, dtype=torch.bool, device="meta")]
+
+
+# ----------------------------------------------------------------------------- choice scoring's KV cache
+
+
+class OldCache(Transformer):
+    """Choice scoring as it was: a fresh zero-filled cache per group, select_cache over every position."""
+
+    def setup_cache(self, max_batch_size, max_seq_len):
+        self.clear_cache()
+        super().setup_cache(max_batch_size, max_seq_len)
+        for layer in self.layers:
+            layer.attention.cache_k.zero_(), layer.attention.cache_v.zero_()
+
+    def select_cache(self, rows, length=None):
+        super().select_cache(rows)
+
+
+def test_choice_scores_unchanged_and_cache_bounded_by_the_largest_group(sp_tokenizer, builtin_mixture):
+    tok = sp_tokenizer
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, hidden_dim=48, max_seq_len=128)
+    torch.manual_seed(0)
+    new = Transformer(args).eval()
+    old = OldCache(args).eval()
+    old.load_state_dict(new.state_dict())
+    examples = [ex for task in ("nli", "sentiment") for ex in [e for e in builtin_mixture[1] if e.task == task][:4]]
+    shapes, setup = [], new.setup_cache
+
+    def record(b, s):
+        setup(b, s)
+        shapes.append(((b, s), tuple(new.layers[0].attention.cache_k.shape)))
+    new.setup_cache = record
+    assert ev.choice_scores(new, tok, examples, 128, batch_size=5) == ev.choice_scores(old, tok, examples, 128, batch_size=5)
+    asked = [want for want, _ in shapes]
+    most = (max(b for b, _ in asked), max(s for _, s in asked))  # the largest group's rows, the longest prompt + choice
+    assert len(shapes) > 2 and all(got[0] <= most[0] and got[1] <= most[1] for _, got in shapes)  # (rows, positions) never past them
+    assert len({got for _, got in shapes}) < len(shapes)  # reused, not allocated per group
+    assert new.layers[0].attention.cache_k is None  # freed after scoring
