@@ -55,7 +55,7 @@ for label, setup in {"LoRA r128": ("lora", 128, 1), "MoELoRA k4 r32": ("moelora"
     p = memory.peak(args, *setup, world=1, batch_size=a["batch"], seq_len=a["seq"], dropout=a["dropout"])
     predicted = (p["total"] - p["ddp buckets"]) / 2**20  # bench runs one process, no DDP
     measured = bench["rows"][label]["train_memory_mib"]
-    print(f"peak {label}: bench {measured:.0f} MiB, memory.py {predicted:.0f} MiB ({predicted / measured:.2f}x)")
+    print(f"peak {label}: bench {measured:.4g} MiB, memory.py {predicted:.4g} MiB ({predicted / measured:.2f}x)")
 EOF
 
 log "3. train.py steps on a random-weight base ($SHAPE)"
