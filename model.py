@@ -214,18 +214,29 @@ class Transformer(nn.Module):
         return loss
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
+        """KV caches of at least (max_batch_size, max_seq_len) positions per layer. Left uninitialised:
+        attention writes every position before it reads it. A cache that is large enough already is
+        reused (choice scoring asks for one per group), else it grows to cover both this request and
+        the last: bounded by the largest batch and the longest sequence asked for."""
         w = self.tok_embeddings.weight
         for layer in self.layers:
             a = layer.attention
+            old = a.cache_k
+            if old is not None and (old.dtype, old.device) == (w.dtype, w.device):
+                if old.shape[0] >= max_batch_size and old.shape[1] >= max_seq_len:
+                    continue
+                max_batch_size, max_seq_len = max(old.shape[0], max_batch_size), max(old.shape[1], max_seq_len)
             shape = (max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim)
-            a.cache_k = torch.zeros(shape, dtype=w.dtype, device=w.device)
-            a.cache_v = torch.zeros(shape, dtype=w.dtype, device=w.device)
+            a.cache_k = a.cache_v = None  # the old pair is freed before the new one is allocated
+            a.cache_k = torch.empty(shape, dtype=w.dtype, device=w.device)
+            a.cache_v = torch.empty(shape, dtype=w.dtype, device=w.device)
 
-    def select_cache(self, rows: torch.Tensor):
-        """Cache row i becomes what row rows[i] holds: several continuations of one prefilled prompt."""
+    def select_cache(self, rows: torch.Tensor, length: Optional[int] = None):
+        """Cache row i becomes what row rows[i] holds at positions 0 .. length - 1 (default: all):
+        several continuations of one prefilled prompt copy the prompt's positions only."""
         for layer in self.layers:
             a = layer.attention
-            a.cache_k[:len(rows)], a.cache_v[:len(rows)] = a.cache_k[rows], a.cache_v[rows]
+            a.cache_k[:len(rows), :length], a.cache_v[:len(rows), :length] = a.cache_k[rows, :length], a.cache_v[rows, :length]
 
     def clear_cache(self):
         for layer in self.layers:
