@@ -560,3 +560,45 @@ def test_the_base_is_stored_as_given_and_found_after_a_move(setup, tmp_path, mon
         common.cli(evaluation.main, ["--ckpt", "moved/runs/a", "--limit", "1"])
     assert "say where it is now with --base" in capsys.readouterr().err
     evaluation.main(["--ckpt", "moved/runs/a", "--base", "moved/bases/tiny", "--limit", "1", "--max-new-tokens", "1"])
+
+
+# ---- issue 19: FSDP2, the final evaluation as eval.py's, the resume dict freed, --balance 0 ----
+
+
+def test_fsdp_two_gloo_ranks_equal_one_process_and_resume_bit_exact(setup, tmp_path):
+    """--fsdp on 2 gloo ranks: the losses, gradient norms and adapters of one process on the same
+    global batch; killed after its step-2 checkpoint and resumed, it ends bit-exact as the whole run."""
+    common_ = ["--max-steps", "3", "--dropout", "0", "--no-eval", "--grad-accum", "2", "--save-every", "2"]
+    run(flags(setup, tmp_path / "one", "--batch-size", "4", *common_))
+    run(flags(setup, tmp_path / "two", "--batch-size", "2", "--fsdp", *common_), nproc=2)
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    for a, b in zip(one, two, strict=True):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    a, b = adapters(tmp_path / "one"), adapters(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # Killed right after its step-2 checkpoint (the project's format, full tensors), resumed under FSDP.
+    cut = tmp_path / "cut"
+    die = tmp_path / "die_after_step_2.py"
+    die.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import common, train\n"
+                   "save = train.save\n"
+                   "def save_then_die(*a, **k):\n"
+                   "    save(*a, **k)\n"
+                   "    if a[5]['step'] == 2: raise SystemExit(3)\n"
+                   "train.save = save_then_die\n"
+                   "common.cli(train.main)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(die),
+           *flags(setup, cut, "--batch-size", "2", "--fsdp", *common_)]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode != 0 and [r["step"] for r in log(cut)] == [1, 2], res.stderr[-3000:]
+    ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(type(v) is torch.Tensor for s in ckpt["optimizer"]["state"].values()
+                                     for v in s.values())
+    run(flags(setup, cut, "--batch-size", "2", "--fsdp", *common_, "--resume"), nproc=2)
+    whole, resumed = adapters(tmp_path / "two"), adapters(cut)
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    assert [r["loss"] for r in log(cut)] == [r["loss"] for r in log(tmp_path / "two")]
