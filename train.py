@@ -212,18 +212,30 @@ def cosine_lr(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def batches(ds, sampler, tok, batch_size, start, device):
+def batches(ds, sampler, tok, batch_size, start, device, bucket=1):
     """Micro-batches of exactly batch_size examples from example `start` of this rank's stream of
-    concatenated epochs (a batch may span two epochs), so a step count is a data position."""
+    concatenated epochs (a batch may span two epochs), so a step count is a data position. bucket:
+    lengths are padded up to a multiple of it (at most to the longest example), for --compile."""
     epoch, pos = divmod(start, len(sampler))
-    chunk = []
+    chunk, longest = [], max(len(x) for x, _ in ds.items)
     while True:
         for j in sampler.epoch(epoch)[pos:]:
             chunk.append(j)
             if len(chunk) == batch_size:
-                yield {k: v.to(device) for k, v in data.collate([ds[i] for i in chunk], tok.pad_id).items()}
+                batch = pad_length(data.collate([ds[i] for i in chunk], tok.pad_id), bucket, longest, tok.pad_id)
+                yield {k: v.to(device) for k, v in batch.items()}
                 chunk = []
         epoch, pos = epoch + 1, 0
+
+
+def pad_length(batch, bucket, longest, pad_id):
+    """The batch right-padded as collate pads (pad_id, IGNORE, mask false) to the next multiple of
+    bucket tokens, at most `longest`: a compiled block then meets a few lengths, not every one."""
+    T = batch["tokens"].shape[1]
+    extra = min(-(-T // bucket) * bucket, max(T, longest)) - T
+    fill = {"tokens": pad_id, "targets": data.IGNORE, "mask": False}
+    return {k: torch.cat([v, v.new_full((len(v), extra), fill[k])], 1) if k in fill and extra else v
+            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -411,7 +423,7 @@ def train(args, rank, world, device):
         if device.type == "cuda" and "cuda" in rngs[rank]:
             torch.cuda.set_rng_state(rngs[rank]["cuda"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(args, device) else nullcontext()
-    stream = batches(ds, sampler, tok, args.batch_size, progress["step"] * per_step, device)
+    stream = batches(ds, sampler, tok, args.batch_size, progress["step"] * per_step, device, 64 if args.compile else 1)
     if progress["step"] >= steps and master:
         print(f"{out} finished its {steps} steps already; nothing to train")
     bar = tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True)
