@@ -41,7 +41,7 @@ ADAPTERS, CHECKPOINT = "adapters.safetensors", "checkpoint.pt"
 OUTPUTS = (ADAPTERS, CHECKPOINT, "log.jsonl", "summary.json", "eval.json", "predictions.jsonl", "routing.png")
 # train.py flags that say how a run is carried out, not what it computes: a resume may change
 # them, and eval.py --compare ignores them (and the seed) when it groups runs into one setup.
-RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "grad_checkpoint", "save_every", "eval_limit",
+RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "fsdp", "grad_checkpoint", "save_every", "eval_limit",
             "no_eval", "timeout")
 
 # ----------------------------------------------------------------------------- user errors
