@@ -1,9 +1,11 @@
 """Evaluate a fine-tuned run on its mixture's test split: per-task scores, the majority-class
-baseline, and how the routed experts share the work of each task.
+baseline, and how the routed experts share the work of each task. Scoring, the tables and
+--compare are one job: eval.json is written, printed and read back by this file alone.
 
     python eval.py --ckpt runs/teamlora                   # prints the tables, writes eval.json and predictions
     torchrun --nproc_per_node 8 eval.py --ckpt runs/teamlora --data my_mix/
     python eval.py --compare runs/lora runs/teamlora      # one row per run
+    python eval.py --ckpt runs/teamlora --prompt "..."    # generate with the run's adapters instead
 
 A task with choices is scored by likelihood: every choice is appended to the prompt as the
 answer, and the one whose answer tokens + EOS are most probable wins (accuracy, macro-F1). A task
@@ -530,6 +532,15 @@ def load_for_eval(ckpt, base, device):
     return common.load_model(ckpt, base, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
+def generate(out_dir, prompt, max_new_tokens=32, base=None, device=None):
+    """The prompt and its greedy continuation by a train.py run (its base with its adapters)."""
+    device = common.default_device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
+    model, tok, _ = common.load_run(out_dir, device, dtype, base=base)
+    [new] = model.generate([tok.encode(prompt, bos=True, eos=False)], max_new_tokens, eos_id=tok.eos_id)
+    return prompt + tok.decode(new)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
@@ -543,13 +554,22 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="at most N test examples per task; 0 = all, as train.py's "
                    "--eval-limit (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default: 32)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices, and "
+                   "for --prompt (default: 32)")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     p.add_argument("--export", metavar="DIR", help="instead of evaluating, write the run's adapters for "
                    "Hugging Face models (LoRA: a PEFT directory; see export.py)")
+    p.add_argument("--prompt", help="instead of evaluating, print this text and its greedy continuation by the run "
+                   "(--ckpt); the text is the model's input as written (fine-tuned adapters expect the training "
+                   "prompt template, data.py)")
     args = p.parse_args(argv)
     if args.limit < 0:
         p.error("--limit cannot be negative")
+    if args.prompt is not None:
+        if not args.ckpt or args.export:
+            p.error("--prompt needs --ckpt OUT, and no --export")
+        print(generate(args.ckpt, args.prompt, args.max_new_tokens, args.base, args.device))
+        return
     if args.export:
         if not args.ckpt:
             p.error("--export needs --ckpt OUT")

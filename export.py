@@ -24,6 +24,7 @@ its Hugging Face conversion (transformers' convert_llama_weights_to_hf.py), whic
 reordering to wq/wk.
 """
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,7 +78,9 @@ def load_adapters(out_dir, base=None):
         model = Transformer(checkpoint_args(path))
     if ckpt["adapter"] is not None:  # --method full has none: export_adapters says so
         teamlora.add_adapters(model, **ckpt["adapter"])  # on meta too: shapes only
-        teamlora.load_adapter_state_dict(model, ckpt["tensors"])  # the checks: keys and shapes (the copy is a no-op)
+        with warnings.catch_warnings():  # torch warns that copying into meta tensors does nothing: known
+            warnings.simplefilter("ignore")
+            teamlora.load_adapter_state_dict(model, ckpt["tensors"])  # the checks: keys and shapes
         model.load_state_dict(ckpt["tensors"], strict=False, assign=True)  # the values: the file's tensors themselves
     return model, ckpt["config"]
 

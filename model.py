@@ -1,14 +1,18 @@
 """LLaMA in Meta's naming: loads LLaMA-2, Llama-3/3.1, TinyLlama and Mistral-style checkpoints
 (Meta params.json + consolidated.*.pth, or Hugging Face config.json + safetensors/bin) and generates.
+The checkpoint readers, the tokenizer and Hub ids live here beside the model, so that this one file
+loads and runs any base it supports; it imports nothing else of the project.
 
     python model.py CHECKPOINT_DIR --prompt "The capital of France is" --max-new-tokens 32
-    python model.py CHECKPOINT_DIR --adapters runs/teamlora --prompt "..."    # with a run's adapters
+    python eval.py --ckpt runs/teamlora --prompt "..."    # with a run's adapters (eval.py reads runs)
     python -m pytest -q tests/test_model.py
 """
 import argparse
 import functools
 import json
 import math
+import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -577,9 +581,26 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id}: cannot download from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
 
 
-def resolve_base(name_or_path) -> Path:
+# The project's tiny base, which pretrain.py builds (and train.py --base tiny on first use): one
+# directory per pretraining length, so that a base only serves runs that asked for as many steps.
+TINY_BASE = Path(os.environ.get("TEAMLORA_CACHE", Path(__file__).parent / "cache")) / "tiny-base"
+
+
+def tiny_dir(steps: int = 700) -> Path:
+    """Where the tiny base of `steps` pretraining steps is (or will be) cached."""
+    return TINY_BASE / f"{steps}-steps"
+
+
+def resolve_base(name_or_path, tiny_steps: int = 700) -> Path:
     """A local checkpoint directory as it is, else a Hugging Face Hub id ("org/name") fetched into the
-    Hugging Face cache. A base is stored in configs as the user gave it, so a Hub id stays an id."""
+    Hugging Face cache; "tiny": the tiny base of tiny_steps pretraining steps, once pretrain.py built
+    it. A base is stored in configs as the user gave it, so a Hub id stays an id."""
+    if str(name_or_path) == "tiny":
+        path = tiny_dir(tiny_steps)
+        if not (path / "params.json").exists():
+            raise CheckpointNotFound(f"tiny: the tiny base of {tiny_steps} pretraining steps is not built yet "
+                                     f"(python pretrain.py --steps {tiny_steps} builds it into {path})")
+        return path
     path = Path(name_or_path)
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         if not path.exists():
@@ -589,26 +610,25 @@ def resolve_base(name_or_path) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="the base: a checkpoint directory (Hugging Face or Meta layout) or a Hub id")
-    parser.add_argument("--adapters", metavar="OUT", help="a train.py output directory: generate with its adapters")
-    parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", help="the base: a checkpoint directory (Hugging Face or Meta layout), a Hub "
+                        "id, or 'tiny' (pretrain.py's tiny base); a run's adapters: eval.py --ckpt OUT --prompt")
+    parser.add_argument("--prompt", default="The capital of France is", help="the text to continue (greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="at most this many tokens are generated")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     dtype, device = (torch.bfloat16, "cuda") if gpu else (torch.float32, "cpu")
-    if args.adapters:  # imported here: without --adapters model.py needs nothing else from the project
-        from common import load_run
-        model, tokenizer, _ = load_run(args.adapters, device, dtype, base=args.checkpoint)
-    else:  # the tokenizer first: a broken one is reported before the weights load
-        tokenizer = load_tokenizer(args.checkpoint)
-        model = Transformer.from_pretrained(args.checkpoint, dtype, device)
+    tokenizer = load_tokenizer(args.checkpoint)  # the tokenizer first: a broken one is reported before the weights load
+    model = Transformer.from_pretrained(args.checkpoint, dtype, device)
     prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
     [new] = model.generate([prompt], args.max_new_tokens, eos_id=tokenizer.eos_id)  # greedy
     print(args.prompt + tokenizer.decode(new))
 
 
 if __name__ == "__main__":
-    import model  # the imported module, so cli() catches its CheckpointError, not __main__'s
-    from common import cli
-    cli(model.main)
+    try:  # common.cli's handling of a user's mistake, without importing common.py (which imports this file)
+        main()
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

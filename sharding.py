@@ -82,6 +82,11 @@ def load_full(model, tensors):
         params[name].copy_(_local(t, params[name]))
 
 
+def plain(t):
+    """t as a plain tensor: clip_grad_norm_ of sharded gradients returns a DTensor."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def gather(tensors, main):
     """{name: full tensor on the CPU} on the main rank (None elsewhere) of {name: sharded or plain
     tensor}. A collective: every rank calls it with the same names in the same order."""

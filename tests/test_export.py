@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_model import hf_state, one_thread, tiny, tokens, write_hf  # noqa: F401 (one_thread: autouse fixture)
+from test_model import hf_state, tiny, tokens, write_hf
 
 import data
 import teamlora
@@ -27,6 +27,7 @@ from model import RMSNorm, Transformer, _unpermute_hf, ffn_hidden_dim, load_toke
 ROOT = Path(__file__).resolve().parent.parent
 META_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 HF_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class HFLlama(nn.Module):
@@ -157,7 +158,7 @@ def test_meta_base_and_full_fine_tuning(tmp_path):
     assert "convert_llama_weights_to_hf" in (tmp_path / "out" / "README.md").read_text()
 
 
-# ---- the commands: train.py, then eval.py --export and model.py --adapters --------------------
+# ---- the commands: train.py, then eval.py --export and eval.py --prompt -----------------------
 
 WORDS = "red green blue cat dog bird one two three tree river stone wind fire rain".split()
 
@@ -198,7 +199,7 @@ def test_commands_export_and_generate(tmp_path):
 
     prompt = "Repeat the last word. red cat"
     [new] = model.generate([tok.encode(prompt, bos=True, eos=False)], 6, eos_id=tok.eos_id)
-    printed = run("model.py", str(base_dir), "--adapters", str(out), "--prompt", prompt, "--max-new-tokens", "6")
+    printed = run("eval.py", "--ckpt", str(out), "--prompt", prompt, "--max-new-tokens", "6")
     assert printed == prompt + tok.decode(new) + "\n"
 
 
