@@ -532,6 +532,12 @@ def _n(evaluation):
 # ----------------------------------------------------------------------------- command line
 
 
+def load_for_eval(ckpt, base, device):
+    """A run's model as it is evaluated (here and in train.py's final evaluation): a bf16 base on
+    GPUs (float32 on CPUs), the trained tensors loaded into it (adapters stay float32 either way)."""
+    return common.load_model(ckpt, base, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def generate(out_dir, prompt, max_new_tokens=32, base=None, device=None):
     """The prompt and its greedy continuation by a train.py run (its base with its adapters)."""
     device = common.default_device(device)
@@ -573,9 +579,8 @@ def main(argv=None):
     if args.export:
         if not args.ckpt:
             p.error("--export needs --ckpt OUT")
-        from export import export_adapters
-        model, _, config = common.load_run(args.ckpt, base=args.base)  # CPU, float32: the adapters as trained
-        export_adapters(model, config, args.export)
+        from export import export_adapters, load_adapters
+        export_adapters(*load_adapters(args.ckpt, base=args.base), args.export)  # the base's weights stay unread
         return
     if args.compare:
         print(compare(args.compare))
@@ -587,8 +592,7 @@ def main(argv=None):
         train, test = load_mixture(data)
         if not test:
             raise UserError(f"no test split in {data}: nothing to evaluate (--data names a mixture with one)")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
-        model = common.load_model(ckpt, base, device, dtype)
+        model = load_for_eval(ckpt, base, device)
         predictions = []
         results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens,
                            args.limit or None, majority=majority_labels(train), predictions=predictions)

@@ -285,35 +285,17 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """Load a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a Hub id."""
+        """Load a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a Hub id.
+        Each tensor is cast from the checkpoint's own dtype to `dtype` (float32 master weights are
+        exact from an fp16 or fp32 checkpoint)."""
         path = resolve_base(path)
-        hf, args, tensors = _checkpoint(path)
         with torch.device("meta"):  # shapes only; the checkpoint's tensors become the parameters
-            model = cls(args)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if args.tie_embeddings:
-            expected.pop("output.weight")
-        state, unexpected = {}, []
-        for name, source, t in tensors:
-            if args.tie_embeddings and name == "output.weight":
-                continue  # some tied checkpoints still store the shared matrix
-            if name not in expected:
-                unexpected.append(source)
-                continue
-            if t.shape != expected[name]:
-                raise CheckpointError(f"{source}: shape {tuple(t.shape)}, but {name} in the model "
-                                 f"is {tuple(expected[name])}")
-            if hf and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                t = _unpermute_hf(t, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads or args.n_heads)
-            # copy=True: never keep a view of an mmapped file that a later save could overwrite
-            state[name] = t.to(device=device, dtype=dtype, copy=True)
-        missing = [k for k in expected if k not in state]
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: checkpoint does not match the model; missing {len(missing)}: "
-                             f"{missing[:10]}; unexpected {len(unexpected)}: {unexpected[:10]}")
+            model = cls(checkpoint_args(path))
+        # copy=True: never keep a view of an mmapped file that a later save could overwrite
+        state = {name: t.to(device=device, dtype=dtype, copy=True) for name, t in checkpoint_tensors(path, model)}
         model.load_state_dict(state, strict=False, assign=True)
-        model._init_rope(args.max_seq_len, device)
-        if args.tie_embeddings:
+        model._init_rope(model.args.max_seq_len, device)
+        if model.args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         return model.eval()
 
@@ -456,6 +438,37 @@ def checkpoint_args(path) -> ModelArgs:
     """The ModelArgs of a checkpoint directory or Hub id, its config checked and its weight files
     found, without reading a weight: the cheap checks to run before a base that loads for minutes."""
     return _checkpoint(resolve_base(path))[1]  # HF tensors are read lazily, when iterated; Meta shards mmapped
+
+
+def checkpoint_tensors(path, model):
+    """(name, tensor) of a checkpoint directory, one tensor at a time, in `model`'s names and
+    layout (Meta's q/k row order), in the checkpoint's dtype; each is checked against the shapes
+    of `model` (a Transformer without adapters, on the meta device will do), and once all are read
+    an error lists what was missing or unexpected. train.py --fsdp loads each rank's part of every
+    tensor as it comes."""
+    path = resolve_base(path)
+    hf, args, tensors = _checkpoint(path)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    seen, unexpected = set(), []
+    for name, source, t in tensors:
+        if args.tie_embeddings and name == "output.weight":
+            continue  # some tied checkpoints still store the shared matrix
+        if name not in expected:
+            unexpected.append(source)
+            continue
+        if t.shape != expected[name]:
+            raise CheckpointError(f"{source}: shape {tuple(t.shape)}, but {name} in the model "
+                                  f"is {tuple(expected[name])}")
+        if hf and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = _unpermute_hf(t, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads or args.n_heads)
+        seen.add(name)
+        yield name, t
+    missing = [k for k in expected if k not in seen]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match the model; missing {len(missing)}: "
+                              f"{missing[:10]}; unexpected {len(unexpected)}: {unexpected[:10]}")
 
 
 def _checkpoint(path: Path):
