@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,19 @@ def test_train_quantize_nf4_end_to_end(tiny_run, tmp_path, monkeypatch):
     assert "BitsAndBytesConfig(load_in_4bit=True" in (tmp_path / "exported" / "README.md").read_text()
     losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
     assert len(losses) == 4 and all(loss == loss for loss in losses)
+
+
+@needs_bnb
+def test_memory_model_nf4_bytes_are_what_bitsandbytes_stores():
+    import memory
+
+    model = common.quantize_base(Transformer(replace(ARGS, dim=1024, hidden_dim=1024, n_heads=8)), "nf4", "cpu")
+    state = model.layers[0].feed_forward.w1.state_dict()  # packed weight, absmax per 64, float32 scale per 256 blocks
+    keys = ("weight", "weight.absmax", "weight.nested_absmax")
+    stored = sum(state[k].numel() * state[k].element_size() for k in keys)
+    assert stored == 1024 * 1024 * memory.NF4  # the code tables (16 + 256 values per layer) aside
+    n = memory.parameter_counts(ARGS, "lora", 2, 1)
+    layers = Transformer(ARGS).layers.modules()
+    assert n["block_linear"] == sum(m.weight.numel() for m in layers if isinstance(m, nn.Linear))
+    weights = [memory.peak(ARGS, "lora", 2, 1, world=1, nf4=nf4)["weights"] for nf4 in (False, True)]
+    assert weights[0] - weights[1] == pytest.approx(n["block_linear"] * (2 - memory.NF4))
