@@ -231,10 +231,12 @@ def test_missing_bitsandbytes_is_one_line_naming_the_install(monkeypatch):
         common.quantize_base(Transformer(ARGS), "nf4", "cpu")
 
 
-def test_full_fine_tuning_of_a_quantized_base_is_refused(capsys):
+@pytest.mark.parametrize("flags, message", [(["--method", "full"], "--quantize: --method full trains every"),
+                                            (["--fsdp"], "--quantize: not with --fsdp")])
+def test_full_fine_tuning_or_fsdp_of_a_quantized_base_is_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
-        train.get_args(["--method", "full", "--quantize", "nf4"])
-    assert e.value.code == 2 and "--quantize: --method full" in capsys.readouterr().err
+        train.get_args([*flags, "--quantize", "nf4"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
