@@ -152,7 +152,7 @@ def _read(path: Path, problems: _Problems) -> tuple[list[Example], set[str]]:
                 try:
                     obj = json.loads(raw.rstrip(b"\r\n"))
                 except json.JSONDecodeError as e:
-                    problems.add(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                    problems.add(f"{where}: invalid JSON at column {e.colno}: {e.msg.removesuffix(' at')}")
                     continue
                 except UnicodeDecodeError as e:
                     problems.add(f"{where}: invalid JSON, not UTF-8 ({e})")
@@ -477,3 +477,6 @@ if __name__ == "__main__":
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `python data.py | head`: the reader stopped early; end quietly, as common.cli does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -443,7 +443,7 @@ def test_data_and_flags_are_checked_before_the_weights_load(hf_base, setup, tmp_
     mix = broken_mixture(tmp_path)
     no_weights(monkeypatch)
     for mixture, argv, named in ((mix, [], f"{mix / 'train.jsonl'}:3"),
-                                 (setup[1], ["--targets", "wq_typo"], "no nn.Linear named ['wq_typo']")):
+                                 (setup[1], ["--targets", "wq_typo"], "wq_typo: not a linear layer")):
         with pytest.raises(SystemExit):
             common.cli(train.main, flags((hf_base, mixture), tmp_path / "run", *argv))
         assert named in capsys.readouterr().err
