@@ -60,7 +60,9 @@ def cli(main, argv=None):
     """Run main(argv); a user error prints `error: <message>` on one line and exits with status 2.
     Output piped into a reader that stops early (`| head`) ends the program quietly."""
     try:
-        return main(argv)
+        result = main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return result
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

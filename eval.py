@@ -477,16 +477,17 @@ def _router(summary):
     return (summary.get("adapter") or {}).get("router") or summary["config"].get("router") or "default"
 
 
-def _distinct(runs):
-    """Refuse to count one run twice, which would pass it off as another seed (the sd shrinks): the
-    same directory named twice, or a copy of a run, whose summary.json (its training time to the
-    microsecond, tokens, final loss) is the original's."""
+def _distinct(group):
+    """Refuse to count one run twice as two seeds of a setup (the sd would shrink): the same
+    directory named twice, or a copy of a run, whose summary.json (its training time to the
+    microsecond, tokens, final loss) is the other's. A run evaluated on other test examples is
+    another setup's row, not a seed, and may appear beside itself."""
     seen = {}
-    for d, s, _ in runs:
+    for d, s, _ in group:
         for key in (("dir", str(d.resolve())), ("summary", json.dumps(s, sort_keys=True))):
             if key in seen:
-                what = "is named twice" if key[0] == "dir" else "is a copy of the same run (identical summary.json)"
-                raise UserError(f"--compare: {seen[key]} and {d}: {what}; name each run once")
+                what = "are one directory" if key[0] == "dir" else "are copies of one run (identical summary.json)"
+                raise UserError(f"--compare: {seen[key]} and {d} {what}: it would count as two seeds; name it once")
             seen[key] = d
 
 
@@ -496,13 +497,13 @@ def compare(out_dirs):
     scores. Then the majority baseline from the runs' own evaluations: one row, or one row per
     group of runs when they were tested on different examples."""
     runs = [(Path(d), _read_json(Path(d) / "summary.json"), _read_json(Path(d) / "eval.json")) for d in out_dirs]
-    _distinct(runs)
     tasks = sorted({t for _, _, e in runs for t in e["tasks"]})
     groups = {}
     for d, s, e in runs:
         groups.setdefault(_setup(s, e, d / "summary.json"), []).append((d, s, e))
     rows = []
     for group in groups.values():
+        _distinct(group)
         d, s, e = group[0]
         c = s["config"]
 

@@ -618,6 +618,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:  # common.cli's handling of a user's mistake, without importing common.py (which imports this file)
         main()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
