@@ -317,7 +317,7 @@ def check_args(p, args):
     """Each flag's rule (defaults resolved), before anything is built: one line naming the flag."""
     for flag in ("dim", "hidden", "layers", "heads", "kv_heads", "vocab", "batch", "seq", "new_tokens", "rank",
                  "repeats"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # None: unused in --layer mode
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if not all(k.strip().isdigit() and int(k) >= 1 for k in args.experts.split(",")):
         p.error(f"--experts {args.experts}: must be comma-separated whole numbers, each at least 1")

@@ -133,7 +133,8 @@ def export_adapters(model, config, out_dir) -> Path:
                  f"    teamlora.add_adapters(model, **json.load(open({str(out / 'teamlora_config.json')!r}))).eval()\n"
                  "    teamlora.load_adapter_state_dict(model, safetensors.torch.load_file("
                  f"{str(out / 'adapter_model.safetensors')!r}))")
-    save_safetensors(state, tmp / "adapter_model.safetensors", metadata={"format": "pt", "base_model_name_or_path": base})
+    save_safetensors(state, tmp / "adapter_model.safetensors",
+                     metadata={"format": "pt", "base_model_name_or_path": base})
     note = ""
     if (Path(base) / "params.json").exists() and not (Path(base) / "config.json").exists():
         note = (f"\nnote: {base} is in Meta layout; load these adapters on its Hugging Face conversion "

@@ -245,3 +245,18 @@ def test_a_reader_that_stops_early_ends_the_output_quietly(setup):  # noqa: F811
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1 and err == "", err
+
+
+def test_resume_finds_a_moved_base_by_base(setup, tmp_path, capsys):  # noqa: F811
+    """--base may say where the base is now once the stored directory is gone; while it is there, another
+    --base is another run's base and refused."""
+    base = tmp_path / "base"
+    shutil.copytree(setup[0], base)
+    out = tmp_path / "run"
+    train.main(flags((base, setup[1]), out, "--max-steps", "1", "--batch-size", "2", "--no-eval"))
+    capsys.readouterr()
+    refused(capsys, train.main, ["--out", str(out), "--resume", "--base", str(setup[0])], "--base")
+    base.rename(tmp_path / "moved")
+    refused(capsys, train.main, ["--out", str(out), "--resume"], str(base))  # gone: one line naming it
+    train.main(["--out", str(out), "--resume", "--base", str(tmp_path / "moved")])
+    assert "finished its 1 steps already" in capsys.readouterr().out
