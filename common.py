@@ -18,11 +18,23 @@ A train.py output directory OUT holds (save_checkpoint and read_checkpoint, side
                                       "data" keeps it as given (run_data says which one is read)
                            step, train_time, tokens, loss   progress: steps, seconds, input
                                       tokens of all ranks, the last step's loss
-                           optimizer, scheduler, rng (one dict per rank), data {"examples_seen"}
+                           skipped    steps skipped for a non-finite loss (--skip-nonfinite)
+                           optimizer, scheduler, rng (one dict per rank; a resume onto another
+                                      number of ranks starts new dropout streams)
+                           data       {"epoch", "offset", "examples_seen"}: where all ranks
+                                      together stand in the global stream of examples (train.py's
+                                      example_stream), so any number of ranks can continue it
+
+Exit statuses (cli): 0 done; 1 a bug (its traceback); 2 a user's error; and a run that stopped
+itself, one line saying why: 3 stopped on SIGTERM/SIGUSR1 with a checkpoint of the step it
+finished (--resume continues); 4 a non-finite loss or gradient norm (nothing of that step applied);
+5 another rank died or did not answer within --timeout; 6 a file could not be written; 141 the
+reader of the output stopped early (`| head`: quietly, as SIGPIPE ends other programs).
 """
 import gc
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,7 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import teamlora
@@ -43,7 +55,7 @@ OUTPUTS = (ADAPTERS, CHECKPOINT, "log.jsonl", "summary.json", "eval.json", "pred
 # train.py flags that say how a run is carried out, not what it computes: a resume may change
 # them, and eval.py --compare ignores them (and the seed) when it groups runs into one setup.
 RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "grad_checkpoint", "save_every", "eval_limit",
-            "no_eval", "timeout")
+            "no_eval", "timeout", "skip_nonfinite")
 
 # ----------------------------------------------------------------------------- user errors
 
@@ -56,9 +68,32 @@ class UserError(ValueError):
 USER_ERRORS = (UserError, DataError, CheckpointError, FileNotFoundError)
 
 
+class Stop(Exception):
+    """A run that stopped itself: its message is the one line printed, status the exit status."""
+    status = 1
+    once = False  # True: every rank stops alike (decided through a collective), rank 0 alone says so
+
+
+class Preempted(Stop):
+    status, once = 3, True
+
+
+class Diverged(Stop):
+    status, once = 4, True
+
+
+class RankLost(Stop):
+    status = 5
+
+
+class WriteFailed(Stop):
+    status = 6
+
+
 def cli(main, argv=None):
-    """Run main(argv); a user error prints `error: <message>` on one line and exits with status 2.
-    Output piped into a reader that stops early (`| head`) ends the program quietly."""
+    """Run main(argv); a user error prints `error: <message>` on one line and exits with status 2,
+    a Stop prints its line and exits with its status (the module docstring lists them). Output piped
+    into a reader that stops early (`| head`) ends the program quietly."""
     try:
         result = main(argv)
         sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
@@ -66,9 +101,13 @@ def cli(main, argv=None):
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stop as e:
+        if not e.once or os.environ.get("RANK", "0") == "0":  # the process group is gone by now
+            print(e, file=sys.stderr)
+        sys.exit(e.status)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush fails again
-        sys.exit(1)
+        sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a program a closed pipe ended
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -120,6 +159,28 @@ def distributed(device=None, timeout_min=30.0):
         dist.destroy_process_group()
 
 
+# A scheduler asks a job to stop before it kills it: SLURM sends SIGTERM and, after a grace
+# period, SIGKILL; --signal=USR1@T sends SIGUSR1 T seconds before the time limit.
+STOP_SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s)]  # no SIGUSR1 on Windows
+stop_signal = []  # the stop signals this process received; train.py's loop acts on them
+
+
+def on_stop_signal(signum, frame):
+    """Only records the signal; train.py stops at its next step boundary. Nothing else runs here,
+    so a second signal, during the checkpoint's write, cannot interrupt that write."""
+    stop_signal.append(signal.Signals(signum).name)
+
+
+def catch_stop_signals():
+    """From now on, for the rest of the process, SIGTERM and SIGUSR1 ask the run to stop (a
+    scheduler's warning before SIGKILL) instead of killing it: also while it exits, so that a
+    launcher tearing the ranks down does not turn a run's exit status into 143."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_stop_signal)
+        if hasattr(signal, "siginterrupt"):
+            signal.siginterrupt(s, False)  # a read or write under way goes on instead of failing (EINTR)
+
+
 def is_main():
     """True on the process that logs and writes files (rank 0, or the only process)."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -128,6 +189,12 @@ def is_main():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def collective_failed(e):
+    """Whether e is what a collective raises when another rank died or did not answer in time:
+    torch's DistError, or the plain RuntimeError that gloo raises, naming itself."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))
 
 
 def all_reduce(t, device):
@@ -153,22 +220,44 @@ def save_safetensors(tensors, path, metadata=None):
 
 def _write_tmp(obj, path, metadata=None):
     """Write obj next to path under a temporary name: text (a str), a safetensors file (path ends
-    in .safetensors: a dict of tensors) or any torch object. Returns the temporary path."""
+    in .safetensors: a dict of tensors) or any torch object. Returns the temporary path; a write
+    that fails (no space, no permission) removes it and raises WriteFailed naming path."""
     tmp = path.with_name(path.name + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    elif path.suffix == ".safetensors":
-        save_safetensors(obj, tmp, metadata)
-    else:
-        torch.save(obj, tmp)
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        elif path.suffix == ".safetensors":
+            save_safetensors(obj, tmp, metadata)
+        else:
+            with open(tmp, "wb") as f:  # through Python's file, a failed write names its cause (ENOSPC...)
+                torch.save(obj, f)
+    except (OSError, RuntimeError, SafetensorError) as e:  # RuntimeError: torch's own writer
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, e) from e
     return tmp
+
+
+def _rename(tmp, path):
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_failed(path, e) from e
+
+
+def write_failed(path, e):
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return WriteFailed(f"error: cannot write {path}: {reason}; nothing in {path.parent} is half-written")
 
 
 def atomic_save(obj, path):
     """Write obj (see _write_tmp) under a temporary name, then rename: a crash mid-write never
     leaves a broken file, and a reader never sees half of one."""
     path = Path(path)
-    os.replace(_write_tmp(obj, path), path)
+    tmp = _write_tmp(obj, path)
+    try:
+        _rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after a rename; left behind by a failed one
 
 
 # ----------------------------------------------------------------------------- the checkpoint format
@@ -190,9 +279,15 @@ def save_checkpoint(out, tensors, state):
     temporary names before either is renamed; read_checkpoint mends a crash between the renames."""
     out = Path(out)
     meta = {"step": str(state["step"]), "adapter": json.dumps(state["adapter"])}
-    tmp_tensors, tmp_state = _write_tmp(tensors, out / ADAPTERS, meta), _write_tmp(state, out / CHECKPOINT)
-    os.replace(tmp_tensors, out / ADAPTERS)
-    os.replace(tmp_state, out / CHECKPOINT)
+    tmp_tensors = _write_tmp(tensors, out / ADAPTERS, meta)
+    try:
+        tmp_state = _write_tmp(state, out / CHECKPOINT)
+        _rename(tmp_tensors, out / ADAPTERS)
+    except BaseException:  # nothing renamed yet: the previous pair stays whole, without leftovers
+        tmp_tensors.unlink(missing_ok=True)
+        (out / (CHECKPOINT + ".tmp")).unlink(missing_ok=True)
+        raise
+    _rename(tmp_state, out / CHECKPOINT)  # if this one fails, read_checkpoint mends the pair from the .tmp
 
 
 def _torch_load(path):

@@ -624,4 +624,4 @@ if __name__ == "__main__":
         sys.exit(2)
     except BrokenPipeError:  # the output's reader stopped early: end quietly, as common.cli does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a program a closed pipe ended

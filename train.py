@@ -13,12 +13,16 @@ finished or started, is refused unless --resume continues it or --overwrite repl
 import argparse
 import json
 import math
+import os
+import shlex
+import sys
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")  # before optimizer.step(): a skipped step 1
 import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -81,6 +85,9 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=float, help="warm-up fraction of the steps " + preset("warmup"))
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter matrices")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping; 0 = off")
+    p.add_argument("--skip-nonfinite", type=int, default=0,
+                   help="skip up to N steps whose loss or gradient norm is not finite (no update, counted in the "
+                        "log's 'skipped') instead of stopping the run at the first")
     p.add_argument("--temperature", type=float, default=1.0, help="task mixing temperature (1 = by size)")
     p.add_argument("--task-cap", type=int, help="at most this many training examples per task (default: all)")
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout")
@@ -90,7 +97,7 @@ def get_args(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward")
     again = p.add_mutually_exclusive_group()  # without either, an OUT that holds a run is refused
     again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt; "
-                       "flags left out take the run's values, training flags given must match them")
+                       "training flags left out take the run's values, those given must match them")
     again.add_argument("--overwrite", action="store_true", help="replace the run that OUT holds, finished or not")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps; 0 = only at the end")
     p.add_argument("--eval-limit", type=int, help="test examples per task at the end; 0 = all " + preset("eval_limit"))
@@ -132,7 +139,8 @@ def check_args(p, args):
              "save_every": (args.save_every >= 0, "0 (only at the end) or more"),
              "eval_limit": (args.eval_limit >= 0, "0 (all) or more"),
              "pretrain_steps": (args.pretrain_steps >= 1, "at least 1"),
-             "timeout": (args.timeout > 0, "positive (minutes)")}
+             "timeout": (args.timeout > 0, "positive (minutes)"),
+             "skip_nonfinite": (args.skip_nonfinite >= 0, "0 (stop at the first) or more")}
     for flag, (ok, rule) in rules.items():
         if not ok:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {rule}")
@@ -173,8 +181,9 @@ def model_targets(names):
 
 
 def take_stored_flags(p, argv, args):
-    """--resume: every flag not on the command line takes the run's stored value (the device
-    excepted: it is this machine's); the training flags that are given must match (read_resume).
+    """--resume: every training flag not on the command line takes the run's stored value; those
+    given must match it (read_resume). Flags of common.RUN_ONLY (--device, --no-eval, --save-every
+    ...) say how this command runs, and keep this command's values, given or default.
     The run's data is found as eval.py finds it (common.run_data). Reads OUT/checkpoint.pt
     mapped, not loaded: nothing is built yet."""
     out = Path(args.out)
@@ -194,7 +203,7 @@ def take_stored_flags(p, argv, args):
              if v is not unset}
     stored = {**ckpt["config"], "data": common.run_data(ckpt)}
     for k, v in stored.items():
-        if k in vars(args) and k not in given and k not in ("out", "resume", "overwrite", "device"):
+        if k in vars(args) and k not in given and k not in common.RUN_ONLY:
             setattr(args, k, v)
 
 
@@ -269,18 +278,41 @@ def cosine_lr(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def batches(ds, sampler, tok, batch_size, start, device):
-    """Micro-batches of exactly batch_size examples from example `start` of this rank's stream of
-    concatenated epochs (a batch may span two epochs), so a step count is a data position."""
-    epoch, pos = divmod(start, len(sampler))
-    chunk = []
+# Where all ranks together stand in the stream of examples: the epoch, and how far into its order.
+START = {"epoch": 0, "offset": 0, "examples_seen": 0}
+
+
+def example_stream(sampler, position, rank, world):
+    """This rank's example indices from `position` on. Each epoch's order (the global one: sampler
+    has one rank) is cut, from the position's offset, to a multiple of world and dealt out: rank r
+    takes every world-th example from r. So a step of all ranks takes a contiguous run of the
+    order, and a resume on any number of ranks goes on at the same example (advance says which)."""
+    if len(sampler) < world:
+        raise UserError(f"{len(sampler)} training examples cannot feed {world} processes")
+    epoch, offset = position["epoch"], position["offset"]
     while True:
-        for j in sampler.epoch(epoch)[pos:]:
-            chunk.append(j)
-            if len(chunk) == batch_size:
-                yield {k: v.to(device) for k, v in data.collate([ds[i] for i in chunk], tok.pad_id).items()}
-                chunk = []
-        epoch, pos = epoch + 1, 0
+        order = sampler.epoch(epoch)
+        yield from order[offset:offset + (len(order) - offset) // world * world][rank::world]
+        epoch, offset = epoch + 1, 0
+
+
+def advance(position, n, epoch_size, world):
+    """The position n examples (all ranks together, a multiple of world) after `position`, for
+    example_stream on `world` ranks: what an epoch holds past a multiple of world is passed over."""
+    epoch, offset = position["epoch"], position["offset"]
+    seen = position["examples_seen"] + n
+    while True:
+        left = (epoch_size - offset) // world * world  # what this epoch still deals out
+        if n < left:
+            return {"epoch": epoch, "offset": offset + n, "examples_seen": seen}
+        epoch, offset, n = epoch + 1, 0, n - left
+
+
+def batches(ds, indices, tok, batch_size, device):
+    """Micro-batches of exactly batch_size examples from an index stream (one may span two epochs)."""
+    while True:
+        chunk = [next(indices) for _ in range(batch_size)]
+        yield {k: v.to(device) for k, v in data.collate([ds[i] for i in chunk], tok.pad_id).items()}
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -305,7 +337,9 @@ def clear_out(out):
 
 
 def read_resume(args, world):
-    """OUT/checkpoint.pt for --resume, refused unless it continues this very run."""
+    """OUT/checkpoint.pt for --resume, refused unless it continues this very run. The number of
+    processes and the split of the global batch into --batch-size x --grad-accum may change, the
+    global batch may not; a changed layout continues at the same example, not bit for bit."""
     out = Path(args.out)
     if not (out / common.CHECKPOINT).exists():
         raise UserError(f"--resume: no {out / common.CHECKPOINT}; start without --resume")
@@ -313,12 +347,19 @@ def read_resume(args, world):
     if ckpt.get("legacy"):
         raise UserError(f"--resume: {out} was written by an older train.py; eval.py reads it, resuming needs a new run")
     now, then = vars(args), as_stored(ckpt, vars(args))
+    was, will = layout(len(ckpt["rng"]), then), layout(world, now)
+    split = ("batch_size", "grad_accum") if was[1] == will[1] else ()  # the global batch holds: its split may change
     changed = [f"--{k.replace('_', '-')} {then.get(k)} (now {now[k]})" for k in now
-               if k not in common.RUN_ONLY and now[k] != then.get(k)]
+               if k not in common.RUN_ONLY + split and now[k] != then.get(k)]
+    if was[1] != will[1]:
+        changed.append(f"{was[1]} examples per step ({was[0]}; now {will[1]}: choose --batch-size and --grad-accum "
+                       f"for {was[1]})")
     if changed:
         raise UserError(f"--resume: {out} was trained with other flags: {', '.join(changed)}")
-    if len(ckpt["rng"]) != world:
-        raise UserError(f"--resume: {out} was written by {len(ckpt['rng'])} processes; this run has {world}")
+    if was != will and common.is_main():
+        print(f"resuming {out} ({was[0]}) on {will[0]}: the data go on at example {ckpt['step'] * was[1]} of the "
+              "mixture's stream; not exact: each rank's dropout stream (new ones, from --seed, rank and step) and "
+              "the order of floating-point sums")
     return ckpt
 
 
@@ -335,7 +376,13 @@ def as_stored(ckpt, now):
     return then
 
 
-def restore(ckpt, model, adapter, opt, sched):
+def layout(world, config):
+    """(what it says, global batch): how a step's examples are split into processes and micro-steps."""
+    b, a = config["batch_size"], config["grad_accum"]
+    return f"{world} process{'es' * (world > 1)} x {b} examples x {a} micro-steps", world * b * a
+
+
+def restore(ckpt, model, adapter, opt, sched, epoch_size):
     """Trained tensors, optimizer and scheduler from a checkpoint; returns its progress."""
     if adapter is None:
         model.load_state_dict(ckpt["tensors"], strict=False)  # a tied output layer is stored once
@@ -343,7 +390,28 @@ def restore(ckpt, model, adapter, opt, sched):
         teamlora.load_adapter_state_dict(model, ckpt["tensors"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
-    return {k: ckpt[k] for k in ("step", "train_time", "tokens", "loss")}
+    return {**{k: ckpt[k] for k in ("step", "train_time", "tokens", "loss")}, "skipped": ckpt.get("skipped", 0),
+            "data": data_position(ckpt, epoch_size)}
+
+
+def data_position(ckpt, epoch_size):
+    """Where a checkpoint's run stands in the stream; one written before positions were global
+    holds each rank's count only, and had dealt the epochs as example_stream does on its ranks."""
+    if "epoch" in ckpt["data"]:
+        return ckpt["data"]
+    return advance(START, ckpt["step"] * layout(len(ckpt["rng"]), ckpt["config"])[1], epoch_size, len(ckpt["rng"]))
+
+
+def seed_dropout(args, rank, world, resume, device):
+    """Each rank's dropout stream: from --seed + rank; on a resume its saved state, or, on another
+    layout (read_resume), a new stream per rank and step: the one part of a resume that cannot be exact."""
+    torch.manual_seed(args.seed + rank)  # dropout differs per rank; data order comes from the sampler
+    if resume and layout(len(resume["rng"]), resume["config"]) == layout(world, vars(args)):
+        torch.set_rng_state(resume["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in resume["rng"][rank]:
+            torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
+    elif resume:
+        torch.manual_seed(args.seed + rank + world * resume["step"])
 
 
 def save(model, adapter, base, opt, sched, progress, args, device):
@@ -360,9 +428,8 @@ def save(model, adapter, base, opt, sched, progress, args, device):
         rngs = [dict(zip(rng, p.cpu().split(sizes))) for p in parts]
     if common.is_main():
         state = {"config": vars(args), "adapter": adapter, "base_path": str(base), "data_path": data_path(args),
-                 **progress,
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
-                 "data": {"examples_seen": progress["step"] * args.batch_size * args.grad_accum}}
+                 **progress,  # data: where step+1 starts
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}
         common.save_checkpoint(args.out, common.trained_tensors(model, adapter), state)
 
 
@@ -383,23 +450,106 @@ def task_sums(batch, losses, n_tasks):
     return sums
 
 
-def record(sums, aux, micro, grad_norm, lr, dt, progress, tasks, world, device):
-    """The step's log record, over all ranks; adds the step's time and input tokens to progress."""
-    sums = common.all_reduce(sums, device)
-    aux = common.all_reduce(aux, device) / world
-    tokens = int(common.all_reduce(torch.tensor(sum(b["tokens"].numel() for b in micro), device=device), device))
+def step_totals(sums, aux, micro, grad_norm, world, device):
+    """The step's one collective, between backward and the update, read back once: the per-task
+    sums (2, n_tasks), the balance term, the input tokens and two flags (a non-finite gradient
+    norm, a stop signal) over all ranks, so that every rank takes the same decisions."""
+    flags = torch.tensor([sum(b["tokens"].numel() for b in micro), bool(common.stop_signal)], device=device)
+    local = torch.cat([sums.flatten(), aux.view(1), (~torch.isfinite(grad_norm)).view(1), flags]).double()
+    total = common.all_reduce(local, device).tolist()
+    n = sums.numel()
+    return {"sums": torch.tensor(total[:n], dtype=torch.float64).view(sums.shape), "aux": total[n] / world,
+            "grad_finite": total[n + 1] == 0, "tokens": int(total[n + 2]), "stop": total[n + 3] > 0}
+
+
+def check_finite(totals, progress, args, tasks):
+    """True: the step may update. A loss or gradient norm that is not finite on any rank stops the
+    run before the optimizer steps (Diverged), or while --skip-nonfinite allows, skips the update
+    (False): the step still counts, its examples are used up and the lr schedule moves on, so the
+    step count stays the data position and a resume goes on alike."""
+    bad = [t for t, s in zip(tasks, totals["sums"][0].tolist()) if not math.isfinite(s)]
+    if not bad and totals["grad_finite"]:
+        return True
+    if progress["skipped"] < args.skip_nonfinite:
+        progress["skipped"] += 1
+        return False
+    what = f"the loss of task{'s' * (len(bad) > 1)} {', '.join(bad)}" if bad else "the gradient norm"
+    skipped = f"{progress['skipped']} skipped already; " if progress["skipped"] else ""
+    raise common.Diverged(f"error: step {progress['step'] + 1}: {what} is not finite; stopped before its update, "
+                          f"{args.out} keeps its last checkpoint ({skipped}--resume --skip-nonfinite N skips up to N "
+                          "such steps)")
+
+
+def record(totals, grad_norm, lr, dt, progress, tasks):
+    """The step's log record from its totals over all ranks (null for what is not finite: a skipped
+    step); adds the step's time and input tokens to progress."""
+    sums, tokens = totals["sums"], totals["tokens"]
+    loss = (sums[0].sum() / sums[1].sum()).item()
     progress.update(step=progress["step"] + 1, train_time=progress["train_time"] + dt,
-                    tokens=progress["tokens"] + tokens, loss=(sums[0].sum() / sums[1].sum()).item())
-    return {"step": progress["step"], "loss": progress["loss"], "aux": aux.item(), "lr": lr,
-            "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt,
-            "task_loss": {t: (sums[0, i] / sums[1, i]).item() for i, t in enumerate(tasks) if sums[1, i] > 0}}
+                    tokens=progress["tokens"] + tokens, loss=loss if math.isfinite(loss) else progress["loss"])
+    return {"step": progress["step"], "loss": finite(loss), "aux": finite(totals["aux"]), "lr": lr,
+            "grad_norm": finite(grad_norm.item()), "tokens_per_s": tokens / dt, "skipped": progress["skipped"],
+            "task_loss": {t: finite((sums[0, i] / sums[1, i]).item()) for i, t in enumerate(tasks) if sums[1, i] > 0}}
+
+
+def finite(x):
+    return x if math.isfinite(x) else None
 
 
 def open_log(out, step):
-    """log.jsonl for appending; records after `step` (a resume is about to redo them) are dropped."""
+    """log.jsonl for appending, line-buffered: each record is in the file (tail -f, a crash) before
+    the next step starts. Records after `step` (a resume is about to redo them) are dropped."""
     old = (out / "log.jsonl").read_text().splitlines() if step and (out / "log.jsonl").exists() else []
     common.atomic_save("".join(r + "\n" for r in old if json.loads(r)["step"] <= step), out / "log.jsonl")
-    return open(out / "log.jsonl", "a")
+    try:
+        return open(out / "log.jsonl", "a", buffering=1)
+    except OSError as e:
+        raise common.write_failed(out / "log.jsonl", e) from e
+
+
+def write_record(log, rec, bar):
+    """rec into log.jsonl (a write that fails stops the run with one line naming the file)."""
+    try:
+        log.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        raise common.write_failed(Path(log.name), e) from e
+    bar.update(1)
+    bar.set_postfix(loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}")
+
+
+# ----------------------------------------------------------------------------- stopping: signals, a lost rank
+
+def preempted(progress, args):
+    """The stop after a signal's checkpoint: every rank first waits for rank 0 to write it (a
+    launcher tears all ranks down as soon as one exits)."""
+    common.barrier()
+    why = common.stop_signal[0] if common.stop_signal else "a signal to another rank"
+    common.stop_signal.clear()  # answered: a later run in this process (a test, a notebook) starts afresh
+    raise common.Preempted(f"stopped on {why} after step {progress['step']}, saved in {args.out}")
+
+
+def one_line(e, argv, args, rank, world):
+    """The Stop a run exits with, made anew so that no frame of train() (nor its DDP wrapper) stays
+    referenced: a collective's error becomes one line naming this rank and --timeout, and a
+    preemption's line gets the command that continues the run."""
+    if isinstance(e, common.Preempted):
+        return common.Preempted(f"{e}; continue with: {resume_command(argv, world)}")
+    if isinstance(e, common.Stop):
+        return type(e)(str(e))
+    reason = str(e).split("] ", 1)[-1].split(". ")[0]  # gloo: "[pair.cc:537] Read error ...: Connection reset. ..."
+    return common.RankLost(f"error: rank {rank} of {world}: a collective failed ({reason}): another rank died or did "
+                           f"not answer within --timeout {args.timeout:g} min; {args.out} keeps its last checkpoint, "
+                           "--resume continues from it")
+
+
+def resume_command(argv, world):
+    """The command line that continues this run (on this many processes, or any other)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    launcher = ["python"] if "RANK" not in os.environ else ["torchrun", f"--nproc_per_node={local}"]
+    if world > local:
+        launcher.insert(1, f"--nnodes={world // local}")
+    flags = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join([*launcher, os.path.relpath(__file__), *flags, "--resume"])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -413,13 +563,13 @@ def train(args, rank, world, device):
     resume = read_resume(args, world) if args.resume else None
     base, tok, model, adapter, train_set, test_set = build(args, device)
     ds = data.TaskDataset(train_set, tok, args.seq_len, verbose=master)
-    sampler = data.MixtureSampler(ds.task_of, args.temperature, args.task_cap, args.seed, rank, world)
-    per_step = args.batch_size * args.grad_accum  # examples per rank per optimizer step
+    sampler = data.MixtureSampler(ds.task_of, args.temperature, args.task_cap, args.seed)  # example_stream deals it
+    per_step = args.batch_size * args.grad_accum * world  # examples per optimizer step, all ranks
     steps = args.max_steps or max(1, int(args.epochs * len(sampler) / per_step))
     params, opt, sched = make_optimizer(model, args, steps, device)
-    progress = dict(step=0, train_time=0.0, tokens=0, loss=None)
+    progress = dict(step=0, train_time=0.0, tokens=0, loss=None, skipped=0, data=START)
     if resume:
-        progress = restore(resume, model, adapter, opt, sched)
+        progress = restore(resume, model, adapter, opt, sched, len(sampler))
     report = teamlora.parameter_report(model)
     log = None
     if master:
@@ -434,48 +584,47 @@ def train(args, rank, world, device):
     ddp = dist.is_initialized()
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    torch.manual_seed(args.seed + rank)  # dropout differs per rank; data order comes from the sampler
-    if resume:
-        torch.set_rng_state(resume["rng"][rank]["cpu"])
-        if device.type == "cuda" and "cuda" in resume["rng"][rank]:
-            torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
+    seed_dropout(args, rank, world, resume, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(args, device) else nullcontext()
-    stream = batches(ds, sampler, tok, args.batch_size, progress["step"] * per_step, device)
+    stream = batches(ds, example_stream(sampler, progress["data"], rank, world), tok, args.batch_size, device)
     if progress["step"] >= steps and master:
         print(f"{out} finished its {steps} steps already; nothing to train")
-    bar = tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True)
-    model.train()
-    while progress["step"] < steps:
-        t0 = time.time()
-        lr = sched.get_last_lr()[0]  # the lr this step uses; sched.step() below sets the next one
-        micro = [next(stream) for _ in range(args.grad_accum)]
-        # The loss is summed over answer tokens and divided by the step's answer tokens on all
-        # ranks, times the world size since DDP averages gradients: one process on the global batch.
-        n_answer = common.all_reduce(sum((b["targets"] != data.IGNORE).sum() for b in micro).float(), device)
-        sums = torch.zeros(2, len(ds.tasks), dtype=torch.float64, device=device)
-        aux_sum = torch.zeros((), device=device)
-        for i, b in enumerate(micro):
-            if ddp:  # gradients sync across ranks on the last micro-step only, set before its forward
-                model.require_backward_grad_sync = i == args.grad_accum - 1
-            with autocast:
-                losses = token_losses(model, b)  # (B, T)
-            aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over real tokens
-            loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
-            loss.backward()
-            sums += task_sums(b, losses.detach(), len(ds.tasks))
-            aux_sum += aux.detach() / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        rec = record(sums, aux_sum, micro, grad_norm, lr, time.time() - t0, progress, ds.tasks, world, device)
-        if master:
-            log.write(json.dumps(rec) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}")
-        if progress["step"] == steps or (args.save_every and progress["step"] % args.save_every == 0):
-            save(raw, adapter, base, opt, sched, progress, args, device)
-    bar.close()
+    with tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True) as bar:
+        model.train()
+        while progress["step"] < steps:
+            t0 = time.time()
+            lr = sched.get_last_lr()[0]  # the lr this step uses; sched.step() below sets the next one
+            micro = [next(stream) for _ in range(args.grad_accum)]
+            # The loss is summed over answer tokens and divided by the step's answer tokens on all
+            # ranks, times the world size since DDP averages gradients: one process on the global batch.
+            n_answer = common.all_reduce(sum((b["targets"] != data.IGNORE).sum() for b in micro).float(), device)
+            sums = torch.zeros(2, len(ds.tasks), dtype=torch.float64, device=device)
+            aux_sum = torch.zeros((), device=device)
+            for i, b in enumerate(micro):
+                if ddp:  # gradients sync across ranks on the last micro-step only, set before its forward
+                    model.require_backward_grad_sync = i == args.grad_accum - 1
+                with autocast:
+                    losses = token_losses(model, b)  # (B, T)
+                aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over real tokens
+                loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
+                loss.backward()
+                sums += task_sums(b, losses.detach(), len(ds.tasks))
+                aux_sum += aux.detach() / args.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf"))
+            totals = step_totals(sums, aux_sum, micro, grad_norm, world, device)  # the step's one collective
+            if check_finite(totals, progress, args, ds.tasks):  # else skipped (--skip-nonfinite), or Diverged
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            rec = record(totals, grad_norm, lr, time.time() - t0, progress, ds.tasks)
+            progress["data"] = advance(progress["data"], per_step, len(sampler), world)  # where the next step starts
+            if master:
+                write_record(log, rec, bar)
+            due = progress["step"] == steps or (args.save_every and progress["step"] % args.save_every == 0)
+            if due or totals["stop"]:
+                save(raw, adapter, base, opt, sched, progress, args, device)
+            if totals["stop"]:  # SIGTERM or SIGUSR1 on some rank, during this step or before it
+                preempted(progress, args)
     if master:
         log.close()
         write_summary(out, args, adapter, base, report, progress, steps)
@@ -526,10 +675,18 @@ def final_eval(model, tok, train_set, test_set, args, report, progress):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv)
     with common.distributed(args.device, args.timeout) as (rank, world, device):
-        train(args, rank, world, device)  # returned: its DDP wrapper is freed before the group is destroyed
+        try:
+            return train(args, rank, world, device)  # returned: its DDP wrapper is freed before the group is destroyed
+        except (common.Stop, RuntimeError) as e:
+            if not isinstance(e, common.Stop) and not common.collective_failed(e):
+                raise  # a bug: its traceback
+            stop = one_line(e, argv, args, rank, world)
+        raise stop  # outside the except, nothing holds train()'s frames
 
 
 if __name__ == "__main__":
+    common.catch_stop_signals()
     cli(main)

@@ -240,11 +240,11 @@ def test_in_a_fresh_process_a_mistake_is_one_line_and_bench_peer_help_needs_no_p
 
 def test_a_reader_that_stops_early_ends_the_output_quietly(setup):  # noqa: F811
     """`python data.py MIX | head -0`: the output meets a closed pipe."""
-    proc = subprocess.Popen([sys.executable, "data.py", str(setup[1])], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, "data.py", str(setup[1])], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     proc.stdout.close()
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 1 and err == "", err
+    assert proc.wait(timeout=120) == 141 and err == "", err
 
 
 def test_resume_finds_a_moved_base_by_base(setup, tmp_path, capsys):  # noqa: F811

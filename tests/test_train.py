@@ -123,11 +123,11 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     common.atomic_save({"step": 1}, path)
 
     def broken_save(obj, f):
-        Path(f).write_bytes(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(common.WriteFailed, match="disk full"):
         common.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
@@ -316,7 +316,7 @@ def test_a_crash_between_the_two_renames_leaves_a_loadable_pair(tmp_path, monkey
         replace(a, b)
 
     monkeypatch.setattr(common.os, "replace", die_on_second)
-    with pytest.raises(OSError):
+    with pytest.raises(common.WriteFailed):
         common.save_checkpoint(tmp_path, {"lora_A": torch.ones(2)}, state(2))
     monkeypatch.undo()
     ckpt = common.read_checkpoint(tmp_path)
@@ -342,12 +342,13 @@ def test_checkpoint_format_and_adapter_config_rebuilds(setup, tmp_path):
     out = tmp_path / "run"
     train.main(flags(setup, out, "--max-steps", "1", "--batch-size", "2", "--no-eval", "--method", "moelora"))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"config", "adapter", "base_path", "step", "train_time", "tokens", "loss", "optimizer",
-                         "scheduler", "rng", "data"}
+    assert set(ckpt) == {"config", "adapter", "base_path", "data_path", "step", "train_time", "tokens", "loss",
+                         "skipped", "optimizer", "scheduler", "rng", "data"}
+    assert ckpt["data"] == {"epoch": 0, "offset": 2, "examples_seen": 2} and ckpt["skipped"] == 0
     assert ckpt["config"] == vars(train.get_args(flags(setup, out, "--max-steps", "1", "--batch-size", "2",
                                                        "--no-eval", "--method", "moelora")))
     assert ckpt["adapter"] == {"method": "moelora", "rank": 2, "experts": 2, "alpha": 32.0, "dropout": 0.05,
-                               "targets": list(teamlora.FFN_TARGETS), "router": "softmax"}  # as used
+                               "targets": ["w1", "w2", "w3"], "router": "softmax"}  # as used, in model.py's names
     model = Transformer.from_pretrained(setup[0])
     teamlora.add_adapters(model, **ckpt["adapter"])
     teamlora.load_adapter_state_dict(model, load_file(out / "adapters.safetensors"))
