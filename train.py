@@ -154,7 +154,7 @@ def check_args(p, args):
         try:
             targets = model_targets(args.targets)
         except ValueError as e:
-            p.error(f"--targets {','.join(args.targets)}: {e}")
+            p.error(f"--targets {e}")
         if "output" in targets and args.method != "lora":
             # model.forward runs the output layer at the answer tokens only, so its router would see
             # other tokens than the balance term's mask and the routing statistics cover
