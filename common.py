@@ -54,7 +54,7 @@ ADAPTERS, CHECKPOINT = "adapters.safetensors", "checkpoint.pt"
 OUTPUTS = (ADAPTERS, CHECKPOINT, "log.jsonl", "summary.json", "eval.json", "predictions.jsonl", "routing.png")
 # train.py flags that say how a run is carried out, not what it computes: a resume may change
 # them, and eval.py --compare ignores them (and the seed) when it groups runs into one setup.
-RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "grad_checkpoint", "save_every", "eval_limit",
+RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "fsdp", "grad_checkpoint", "save_every", "eval_limit",
             "no_eval", "timeout", "skip_nonfinite")
 
 # ----------------------------------------------------------------------------- user errors
@@ -146,10 +146,12 @@ def distributed(device=None, timeout_min=30.0):
         yield 0, 1, default_device(device)
         return
     dev = torch.device("cpu")
+    bound = {}
     if default_device(device).type == "cuda":
         dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
+        bound = {"device_id": dev}  # binds nccl to this GPU now, so its first barrier cannot land on GPU 0
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min), **bound)
     try:
         yield dist.get_rank(), dist.get_world_size(), dev
     finally:
@@ -291,8 +293,10 @@ def save_checkpoint(out, tensors, state):
 
 
 def _torch_load(path):
+    """mmap: a tensor is read from the file when it is used, and pages the ranks of a node read are
+    shared, so no rank holds a private copy of a 7B run's optimizer state just to resume."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file
         raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
 
@@ -306,7 +310,7 @@ def read_checkpoint(out):
     ckpt = _torch_load(out / CHECKPOINT)
     if "adapter" not in ckpt:
         return _legacy(ckpt)
-    try:
+    try:  # safetensors maps the file: each tensor is a view of it, read when used
         with safe_open(str(out / ADAPTERS), framework="pt") as f:
             step, tensors = int(f.metadata()["step"]), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:

@@ -144,7 +144,6 @@ def choice_scores(model, tok, examples, seq_len, batch_size=32, routing=None):
     dict to fill with {task: _routing_sums over each example's prompt and gold answer}, the tokens
     routing_by_task looks at, so that evaluation needs no second forward.
     """
-    device = _device(model)
     layers = [name for name, layer in teamlora.adapter_layers(model) if layer.routed] if routing is not None else []
     key = lambda item: (examples[item[0]].task, len(item[1]))  # noqa: E731
     groups = []  # runs of one key, cut at batch_size choice rows
@@ -155,36 +154,43 @@ def choice_scores(model, tok, examples, seq_len, batch_size=32, routing=None):
         else:
             groups.append([item])
     scores = [None] * len(examples)
-    for group in tqdm(groups, desc="scoring choices", leave=False, disable=_rank_world()[0] != 0):
-        # one row per choice: (its example in the group, the choice's index, its answer ids + EOS)
-        rows = [(g, j, a) for g, (_, _, answers) in enumerate(group) for j, a in enumerate(answers)]
-        tokens = torch.full((len(rows), max(len(a) for _, _, a in rows)), tok.pad_id, dtype=torch.long)  # (R, C)
-        targets = torch.full_like(tokens, IGNORE)
-        for r, (g, _, a) in enumerate(rows):
-            tokens[r, :len(a)] = torch.tensor([group[g][1][-1]] + a[:-1])
-            targets[r, :len(a)] = torch.tensor(a)
-        prompts = torch.tensor([p[:-1] for _, p, _ in group], device=device)  # (G, L - 1)
-        task, start = examples[group[0][0]].task, prompts.shape[1]
-        model.setup_cache(len(rows), start + tokens.shape[1])
-        try:
-            if start > 0:  # targets all IGNORE: the prompts only fill the cache, no output layer runs
-                model(prompts, torch.full_like(prompts, IGNORE), reduction="none")
-                if layers:
-                    routing[task] = routing.get(task, 0) + _routing_sums(model, layers, None)
-            model.select_cache(torch.tensor([g for g, _, _ in rows], device=device))  # row r: its example's prompt
-            logp = -model(tokens.to(device), targets.to(device), reduction="none", start_pos=start).sum(1)  # (R,)
-        finally:
-            model.clear_cache()
-        if layers:  # the gold rows' inputs: the last prompt token and the answer (its EOS is only a target)
-            gold = torch.zeros(tokens.shape, dtype=torch.bool)
-            for r, (g, j, a) in enumerate(rows):
-                ex = examples[group[g][0]]
-                gold[r, :len(a)] = ex.choices[j] == ex.output
-            routing[task] = routing.get(task, 0) + _routing_sums(model, layers, gold)
-        logp, r = logp.tolist(), 0
-        for i, _, answers in group:
-            scores[i], r = logp[r:r + len(answers)], r + len(answers)
+    try:  # one KV cache for every group: grown to the largest group's rows x (prompt + longest choice)
+        for group in tqdm(groups, desc="scoring choices", leave=False, disable=_rank_world()[0] != 0):
+            _score_group(model, tok, examples, group, layers, routing, scores)
+    finally:
+        model.clear_cache()
     return scores
+
+
+def _score_group(model, tok, examples, group, layers, routing, scores):
+    """choice_scores for one group of examples sharing a prompt length: one prefill, one row per choice."""
+    device = _device(model)
+    # one row per choice: (its example in the group, the choice's index, its answer ids + EOS)
+    rows = [(g, j, a) for g, (_, _, answers) in enumerate(group) for j, a in enumerate(answers)]
+    tokens = torch.full((len(rows), max(len(a) for _, _, a in rows)), tok.pad_id, dtype=torch.long)  # (R, C)
+    targets = torch.full_like(tokens, IGNORE)
+    for r, (g, _, a) in enumerate(rows):
+        tokens[r, :len(a)] = torch.tensor([group[g][1][-1]] + a[:-1])
+        targets[r, :len(a)] = torch.tensor(a)
+    prompts = torch.tensor([p[:-1] for _, p, _ in group], device=device)  # (G, L - 1)
+    task, start = examples[group[0][0]].task, prompts.shape[1]
+    model.setup_cache(len(rows), start + tokens.shape[1])  # reused when large enough: no allocation
+    if start > 0:  # targets all IGNORE: the prompts only fill the cache, no output layer runs
+        model(prompts, torch.full_like(prompts, IGNORE), reduction="none")
+        if layers:
+            routing[task] = routing.get(task, 0) + _routing_sums(model, layers, None)
+    # row r continues its example's prompt: the prompt's positions copied, nothing past them
+    model.select_cache(torch.tensor([g for g, _, _ in rows], device=device), start)
+    logp = -model(tokens.to(device), targets.to(device), reduction="none", start_pos=start).sum(1)  # (R,)
+    if layers:  # the gold rows' inputs: the last prompt token and the answer (its EOS is only a target)
+        gold = torch.zeros(tokens.shape, dtype=torch.bool)
+        for r, (g, j, a) in enumerate(rows):
+            ex = examples[group[g][0]]
+            gold[r, :len(a)] = ex.choices[j] == ex.output
+        routing[task] = routing.get(task, 0) + _routing_sums(model, layers, gold)
+    logp, r = logp.tolist(), 0
+    for i, _, answers in group:
+        scores[i], r = logp[r:r + len(answers)], r + len(answers)
 
 
 @torch.no_grad()
@@ -541,6 +547,12 @@ def _n(evaluation):
 # ----------------------------------------------------------------------------- command line
 
 
+def load_for_eval(ckpt, base, device):
+    """A run's model as it is evaluated (here and in train.py's final evaluation): a bf16 base on
+    GPUs (float32 on CPUs), the trained tensors loaded into it (adapters stay float32 either way)."""
+    return common.load_model(ckpt, base, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def generate(out_dir, prompt, max_new_tokens=32, base=None, device=None):
     """The prompt and its greedy continuation by a train.py run (its base with its adapters)."""
     device = common.default_device(device)
@@ -596,10 +608,9 @@ def main(argv=None):
         print(generate(args.ckpt, args.prompt, args.max_new_tokens, args.base, args.device))
         return
     if args.export:
-        from export import check_export_dir, export_adapters
-        check_export_dir(args.export)  # before the weights load
-        model, _, config = common.load_run(args.ckpt, base=args.base)  # CPU, float32: the adapters as trained
-        export_adapters(model, config, args.export)
+        from export import check_export_dir, export_adapters, load_adapters
+        check_export_dir(args.export)  # before anything is read
+        export_adapters(*load_adapters(args.ckpt, base=args.base), args.export)  # the base's weights stay unread
         return
     if args.compare:
         print(compare(args.compare))
@@ -611,8 +622,7 @@ def main(argv=None):
         train, test = load_mixture(args.data or common.run_data(ckpt))
         if not test:
             raise UserError(f"no test split in {data}: nothing to evaluate (--data names a mixture with one)")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
-        model = common.load_model(ckpt, base, device, dtype)
+        model = load_for_eval(ckpt, base, device)
         predictions = []
         results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens,
                            args.limit or None, majority=majority_labels(train), predictions=predictions)

@@ -30,12 +30,15 @@ holds anything but an export's files is refused untouched, so a user's directory
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
+import common
 import teamlora
 from common import UserError, save_safetensors
+from model import Transformer, checkpoint_args
 
 # What an export writes: a directory holding only these (or nothing) is an earlier export, which a
 # new one replaces whole; any other file in it is the user's, and the export is refused.
@@ -75,6 +78,22 @@ def hf_adapter_state(model) -> dict:
     return out
 
 
+def load_adapters(out_dir, base=None):
+    """(model, config) of a train.py run for export: its adapters with their trained values on the
+    base built on the meta device. Export renames tensors, so not one weight of the base is read
+    (a 7B base is 28 GB in float32): only its config, for the shapes and head counts."""
+    ckpt, path, _ = common.open_run(out_dir, base)
+    with torch.device("meta"):
+        model = Transformer(checkpoint_args(path))
+    if ckpt["adapter"] is not None:  # --method full has none: export_adapters says so
+        teamlora.add_adapters(model, **ckpt["adapter"])  # on meta too: shapes only
+        with warnings.catch_warnings():  # torch warns that copying into meta tensors does nothing: known
+            warnings.simplefilter("ignore")
+            teamlora.load_adapter_state_dict(model, ckpt["tensors"])  # the checks: keys and shapes
+        model.load_state_dict(ckpt["tensors"], strict=False, assign=True)  # the values: the file's tensors themselves
+    return model, ckpt["config"]
+
+
 def check_export_dir(out_dir):
     """An export goes into a new or empty directory, or replaces an earlier export (only FILES, with
     adapter_model.safetensors among them); a directory holding anything else is refused untouched."""
@@ -99,7 +118,7 @@ def replace_dir(tmp, out):
 
 
 def export_adapters(model, config, out_dir) -> Path:
-    """Write the adapters of `model` (built by common.load_run from the run's `config`) to out_dir."""
+    """Write the adapters of `model` (load_adapters or common.load_run of the run whose `config` it is) to out_dir."""
     layers = teamlora.adapter_layers(model)
     if not layers:
         raise UserError(f"--export: the run fine-tuned every weight (--method {config['method']}); "

@@ -11,6 +11,8 @@ eval.json, predictions.jsonl and routing.png (eval.py says what they hold). An O
 finished or started, is refused unless --resume continues it or --overwrite replaces it.
 """
 import argparse
+import gc
+import inspect
 import json
 import math
 import os
@@ -32,6 +34,7 @@ import common
 import data
 import eval as evaluation
 import pretrain
+import sharding
 import teamlora
 from common import UserError, cli
 from export import HF_MODULES
@@ -93,7 +96,12 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 autocast on GPUs, else float32")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (lengths padded "
+                   "to a multiple of 64 so few shapes recompile); the first steps pay minutes of compiling: "
+                   "worth it on GPUs for long runs, not on a CPU (README)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help="shard weights, gradients and optimizer "
+                   "state over the ranks (FSDP2) instead of DDP (default: FSDP under torchrun on GPUs when DDP "
+                   "would not fit, README)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward")
     again = p.add_mutually_exclusive_group()  # without either, an OUT that holds a run is refused
     again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt; "
@@ -246,14 +254,33 @@ def build(args, device):
     tok, config = common.check_base(base)
     with torch.device("meta"):  # the adapter flags tried on a model without storage
         attach(Transformer(config), args)
-    dtype = torch.bfloat16 if use_bf16(args, device) and device.type == "cuda" else torch.float32  # CPUs: float32
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    model.gradient_checkpointing = args.grad_checkpoint
-    if args.method == "full":
-        model.float()  # full fine-tuning keeps float32 master weights
+    # A frozen base in bf16 on GPUs (CPUs: float32); full fine-tuning keeps float32 master weights,
+    # cast from the checkpoint's own dtype (an fp16 or fp32 base loses no bits on the way).
+    bf16 = use_bf16(args, device) and device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 and args.method != "full" else torch.float32
     torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
-    adapter = attach(model, args)
-    return base.resolve(), tok, model.to(device), adapter, train, test
+    if use_fsdp(args, config, device):
+        model, adapter = sharding.build(base, config, lambda m: attach(m, args), device, dtype,
+                                        torch.bfloat16 if bf16 and args.method == "full" else None)
+    else:
+        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+        adapter = attach(model, args)
+    model.gradient_checkpointing = args.grad_checkpoint
+    return base.resolve(), tok, model, adapter, train, test
+
+
+def use_fsdp(args, config, device):
+    """--fsdp as given; by default under torchrun on GPUs when DDP's copy of the model would take
+    over 60% of a GPU. Per parameter, DDP holds: a frozen base 2 bytes (bf16); --method full 4
+    (float32 weight) + 4 (gradient) + 4 (DDP's bucket) + 8 (AdamW moments) + 2 (autocast's copy)."""
+    if args.fsdp is not None or not dist.is_initialized() or device.type != "cuda":
+        return bool(args.fsdp) and dist.is_initialized()
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(config).parameters())
+    need, have = n * (22 if args.method == "full" else 2), torch.cuda.get_device_properties(device).total_memory
+    if need > 0.6 * have and common.is_main():
+        print(f"--fsdp chosen: DDP would hold {need / 2**30:.0f} GiB of a {have / 2**30:.0f} GiB GPU (--no-fsdp: DDP)")
+    return need > 0.6 * have
 
 
 def use_bf16(args, device):
@@ -308,11 +335,24 @@ def advance(position, n, epoch_size, world):
         epoch, offset, n = epoch + 1, 0, n - left
 
 
-def batches(ds, indices, tok, batch_size, device):
-    """Micro-batches of exactly batch_size examples from an index stream (one may span two epochs)."""
+def batches(ds, indices, tok, batch_size, device, bucket=1):
+    """Micro-batches of exactly batch_size examples from an index stream (one may span two epochs).
+    bucket: lengths are padded up to a multiple of it (at most to the longest example), for --compile."""
+    longest = max(len(x) for x, _ in ds.items)
     while True:
         chunk = [next(indices) for _ in range(batch_size)]
-        yield {k: v.to(device) for k, v in data.collate([ds[i] for i in chunk], tok.pad_id).items()}
+        batch = pad_length(data.collate([ds[i] for i in chunk], tok.pad_id), bucket, longest, tok.pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def pad_length(batch, bucket, longest, pad_id):
+    """The batch right-padded as collate pads (pad_id, IGNORE, mask false) to the next multiple of
+    bucket tokens, at most `longest`: a compiled block then meets a few lengths, not every one."""
+    T = batch["tokens"].shape[1]
+    extra = min(-(-T // bucket) * bucket, max(T, longest)) - T
+    fill = {"tokens": pad_id, "targets": data.IGNORE, "mask": False}
+    return {k: torch.cat([v, v.new_full((len(v), extra), fill[k])], 1) if k in fill and extra else v
+            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -383,12 +423,16 @@ def layout(world, config):
 
 
 def restore(ckpt, model, adapter, opt, sched, epoch_size):
-    """Trained tensors, optimizer and scheduler from a checkpoint; returns its progress."""
-    if adapter is None:
+    """Trained tensors, optimizer and scheduler from a checkpoint (under FSDP each rank keeps its
+    shard of them); returns its progress."""
+    sharded = sharding.is_sharded(model)
+    if sharded:
+        sharding.load_full(model, ckpt["tensors"])  # a tied output layer is stored once, as its embedding
+    elif adapter is None:
         model.load_state_dict(ckpt["tensors"], strict=False)  # a tied output layer is stored once
     else:
         teamlora.load_adapter_state_dict(model, ckpt["tensors"])
-    opt.load_state_dict(ckpt["optimizer"])
+    opt.load_state_dict(sharding.shard_optimizer(ckpt["optimizer"], opt) if sharded else ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     return {**{k: ckpt[k] for k in ("step", "train_time", "tokens", "loss")}, "skipped": ckpt.get("skipped", 0),
             "data": data_position(ckpt, epoch_size)}
@@ -426,11 +470,16 @@ def save(model, adapter, base, opt, sched, progress, args, device):
         dist.all_gather(parts, flat)
         sizes = [v.numel() for v in rng.values()]
         rngs = [dict(zip(rng, p.cpu().split(sizes))) for p in parts]
-    if common.is_main():
+    main = common.is_main()
+    tensors, optimizer = None, None
+    if sharding.is_sharded(model):  # every rank hands in its shards; rank 0 gets the full tensors
+        tensors = sharding.gather(common.trained_tensors(model, adapter), main)
+        optimizer = sharding.gather_optimizer(opt, main)
+    if main:
         state = {"config": vars(args), "adapter": adapter, "base_path": str(base), "data_path": data_path(args),
                  **progress,  # data: where step+1 starts
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}
-        common.save_checkpoint(args.out, common.trained_tensors(model, adapter), state)
+                 "optimizer": optimizer or opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}
+        common.save_checkpoint(args.out, tensors or common.trained_tensors(model, adapter), state)
 
 
 # ----------------------------------------------------------------------------- the step's bookkeeping
@@ -555,6 +604,43 @@ def resume_command(argv, world):
 # ----------------------------------------------------------------------------- the run
 
 
+def balance_loss(model, batch, coefficient, device):
+    """The load-balancing term of the last forward over the batch's real tokens; at --balance 0 it is
+    not computed at all (its boolean indexing costs a device-to-host sync per routed layer)."""
+    if coefficient == 0:
+        return torch.zeros((), device=device)
+    return teamlora.adapter_aux_loss(model, mask=batch["mask"]).to(device)
+
+
+def wrap(model, args, device):
+    """The module the loop calls: --compile compiles each block in place (the names in checkpoints
+    stay; the root's data-dependent answer-position gather stays eager), then DDP under torchrun
+    unless the model is sharded (FSDP's units are its blocks already)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (--method full's, the router's) in TF32
+    elif use_bf16(args, device) and not cpu_has_bf16() and common.is_main():
+        print("note: this CPU has no bf16 instructions (avx512_bf16 / amx_bf16): --dtype bfloat16 runs "
+              "~15x slower than float32 here (a SmolLM2 step: ~70 s against ~4 s); use float32 on this machine")
+    if args.compile:
+        for block in model.layers:
+            block.compile()
+    if not dist.is_initialized() or sharding.is_sharded(model):
+        return model
+    # Every rank reads the same base and draws the same adapters (seeded), so nothing is broadcast at
+    # start (init_sync), nor the buffers (RoPE tables, TeamLoRA's expand) at every forward.
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, init_sync=False, **{quiet: False})
+
+
+def cpu_has_bf16():
+    """True when the CPU computes bf16 natively (x86: AVX512-BF16 or AMX; Arm: the bf16 extension)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no way to tell, so no note
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def train(args, rank, world, device):
     """The run, from building the model to the final evaluation (main sets up the processes)."""
     master = rank == 0  # the process that logs and writes
@@ -570,6 +656,8 @@ def train(args, rank, world, device):
     progress = dict(step=0, train_time=0.0, tokens=0, loss=None, skipped=0, data=START)
     if resume:
         progress = restore(resume, model, adapter, opt, sched, len(sampler))
+    seed_dropout(args, rank, world, resume, device)  # here: neither wrap (DDP, compile) nor logging draws numbers
+    resume = None  # the checkpoint's dict goes: its tensors now live in the model and optimizer
     report = teamlora.parameter_report(model)
     log = None
     if master:
@@ -578,15 +666,12 @@ def train(args, rank, world, device):
             clear_out(out)
         print_config(args, world, steps, report, ds.tasks, len(train_set), len(test_set))
         log = open_log(out, progress["step"])
-    raw = model  # checkpoints and evaluation use the unwrapped, uncompiled module
-    if args.compile:
-        model = torch.compile(model)
-    ddp = dist.is_initialized()
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    seed_dropout(args, rank, world, resume, device)
+    raw = model  # checkpoints and the balance term use the module without its DDP wrapper
+    model = wrap(model, args, device)
+    ddp = isinstance(model, DDP)  # FSDP reduce-scatters at every micro-step: its gradients stay sharded
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(args, device) else nullcontext()
-    stream = batches(ds, example_stream(sampler, progress["data"], rank, world), tok, args.batch_size, device)
+    stream = batches(ds, example_stream(sampler, progress["data"], rank, world), tok, args.batch_size, device,
+                     64 if args.compile else 1)
     if progress["step"] >= steps and master:
         print(f"{out} finished its {steps} steps already; nothing to train")
     with tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True) as bar:
@@ -605,12 +690,12 @@ def train(args, rank, world, device):
                     model.require_backward_grad_sync = i == args.grad_accum - 1
                 with autocast:
                     losses = token_losses(model, b)  # (B, T)
-                aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over real tokens
+                aux = balance_loss(raw, b, args.balance, device)  # balance, over real tokens
                 loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
                 loss.backward()
                 sums += task_sums(b, losses.detach(), len(ds.tasks))
                 aux_sum += aux.detach() / args.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf"))
+            grad_norm = sharding.plain(torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf")))
             totals = step_totals(sums, aux_sum, micro, grad_norm, world, device)  # the step's one collective
             if check_finite(totals, progress, args, ds.tasks):  # else skipped (--skip-nonfinite), or Diverged
                 opt.step()
@@ -628,8 +713,9 @@ def train(args, rank, world, device):
     if master:
         log.close()
         write_summary(out, args, adapter, base, report, progress, steps)
+    del model, raw, params, opt, sched  # the training state goes before the evaluation's model comes
     if not args.no_eval:
-        final_eval(raw, tok, train_set, test_set, args, report, progress)
+        final_eval(base, tok, train_set, test_set, args, report, progress, device)
 
 
 def print_config(args, world, steps, report, tasks, n_train, n_test):
@@ -657,13 +743,19 @@ def write_summary(out, args, adapter, base, report, progress, steps):
     common.atomic_save(json.dumps(summary, indent=1), out / "summary.json")
 
 
-def final_eval(model, tok, train_set, test_set, args, report, progress):
-    """Score the test split (every rank scores its share, the majority baseline comes from the
-    training labels); rank 0 prints the tables and writes eval.json, predictions.jsonl, routing.png."""
+def final_eval(base, tok, train_set, test_set, args, report, progress, device):
+    """Score the test split as `eval.py --ckpt OUT` does: the run reloaded from OUT as eval.py loads
+    it (its dtype, no optimizer state or DDP/FSDP wrapper left), every rank its share, the majority
+    baseline from the training labels; rank 0 prints the tables and writes eval.json,
+    predictions.jsonl, routing.png."""
     if not test_set:
         if common.is_main():
             print(f"no test split in {args.data}: evaluation skipped")
         return
+    gc.collect()  # the training model's last references (DDP's reference cycle) go before the next one loads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model = evaluation.load_for_eval(common.read_checkpoint(args.out), base, device)
     predictions = []
     results = evaluation.evaluate(model, tok, test_set, args.seq_len, limit=args.eval_limit or None,
                                   majority=evaluation.majority_labels(train_set), predictions=predictions)
