@@ -33,6 +33,7 @@ reader of the output stopped early (`| head`: quietly, as SIGPIPE ends other pro
 """
 import gc
 import json
+import logging
 import os
 import signal
 import sys
@@ -377,10 +378,54 @@ def open_run(out_dir, base=None):
     return ckpt, path, check_base(path)[0]
 
 
+# ----------------------------------------------------------------------------- the base, quantized or not
+
+QUANTIZE = ("nf4", "int8")  # train.py --quantize: bitsandbytes' Linear4bit (NF4) or Linear8bitLt (LLM.int8())
+
+
+def load_base(path, dtype=torch.float32, device="cpu", quantize=None):
+    """Transformer.from_pretrained, its block linear layers quantized if asked (QLoRA-style; a run's
+    config["quantize"]). A quantized base is read into CPU memory in float first, each layer is then
+    quantized as it moves to `device`: the device never holds the float base."""
+    if quantize is None:
+        return Transformer.from_pretrained(path, dtype=dtype, device=device)
+    model = Transformer.from_pretrained(path, dtype=dtype, device="cpu")
+    return quantize_base(model, quantize, device, compute_dtype=dtype).to(device)
+
+
+def quantize_base(model, kind, device, compute_dtype=torch.float32):
+    """Replace, in place, every nn.Linear of the transformer blocks (attention and FFN, not the
+    embeddings or the output layer, as QLoRA does) by bitsandbytes' frozen quantized layer on device:
+    nf4  Linear4bit, 4-bit NormalFloat in blocks of 64 with quantized block scales (QLoRA's double
+         quantization): 0.5 byte per weight + ~0.127 bit of scales; computes in compute_dtype
+    int8 Linear8bitLt (LLM.int8()): 1 byte per weight + one float32 scale per row; outlier inputs
+         (|x| > 6, transformers' default threshold) in 16 bits
+    bitsandbytes is what QLoRA and Hugging Face (transformers' BitsAndBytesConfig, PEFT) use, and it
+    runs both on CPUs too. Returns the model."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"--quantize {kind} needs bitsandbytes: pip install bitsandbytes") from None
+    for name, linear in [(n, m) for n, m in model.layers.named_modules() if type(m) is torch.nn.Linear]:
+        shape = (linear.in_features, linear.out_features, linear.bias is not None)
+        w = linear.weight.data
+        if kind == "nf4":
+            q = bnb.nn.Linear4bit(*shape, compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", module=q)
+        else:  # bitsandbytes would log on every forward that int8 inputs pass through float16
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+            q = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False, threshold=6.0, device="meta")
+            q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        q.bias = linear.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.layers.get_submodule(parent), child, q.to(device))  # .to quantizes
+    return model
+
+
 def load_model(ckpt, path, device="cpu", dtype=torch.float32):
-    """The base model at path with a checkpoint's trained tensors (adapters, or the fully
-    fine-tuned weights), in eval mode."""
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    """The base model at path (quantized as the run's was) with a checkpoint's trained tensors
+    (adapters, or the fully fine-tuned weights), in eval mode."""
+    model = load_base(path, dtype, device, ckpt["config"].get("quantize"))  # older runs: no "quantize"
     try:
         if ckpt["adapter"] is None:
             missing, unexpected = model.load_state_dict(ckpt["tensors"], strict=False)

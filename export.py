@@ -158,6 +158,11 @@ def export_adapters(model, config, out_dir) -> Path:
     if (Path(base) / "params.json").exists() and not (Path(base) / "config.json").exists():
         note = (f"\nnote: {base} is in Meta layout; load these adapters on its Hugging Face conversion "
                 "(transformers' convert_llama_weights_to_hf.py): their q/k rows already follow its order.\n")
+    if config.get("quantize"):  # the base's layers as the adapters saw them in training
+        hf = {"nf4": "load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True",
+              "int8": "load_in_8bit=True"}[config["quantize"]]
+        note += (f"\nnote: trained on a base quantized with bitsandbytes (--quantize {config['quantize']}); "
+                 f"to match training, load it with quantization_config=BitsAndBytesConfig({hf}).\n")
     (tmp / "README.md").write_text(f"# {config['method']} adapters for {base}\n\nTrained with the TeamLoRA "
                                    f"reference implementation. Load them with\n\n{usage}\n{note}")
     replace_dir(tmp, out)

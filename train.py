@@ -95,6 +95,8 @@ def get_args(argv=None):
     p.add_argument("--task-cap", type=int, help="at most this many training examples per task (default: all)")
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 autocast on GPUs, else float32")
+    p.add_argument("--quantize", choices=common.QUANTIZE, help="load the frozen base's block layers quantized "
+                   "with bitsandbytes (QLoRA-style: nf4 = 4-bit NormalFloat, int8 = LLM.int8()); default: not")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (lengths padded "
                    "to a multiple of 64 so few shapes recompile); the first steps pay minutes of compiling: "
@@ -154,6 +156,10 @@ def check_args(p, args):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {rule}")
     if args.method == "lora" and args.router:
         p.error("--router: method lora has no router")
+    if args.method == "full" and args.quantize:
+        p.error("--quantize: --method full trains every weight, and quantized weights cannot be trained")
+    if args.fsdp and args.quantize:
+        p.error("--quantize: not with --fsdp (bitsandbytes' packed weights are not sharded; DDP holds a 4-bit base)")
     if (why := common.check_device(args.device)) is not None:
         p.error(f"--device {why}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -259,11 +265,11 @@ def build(args, device):
     bf16 = use_bf16(args, device) and device.type == "cuda"
     dtype = torch.bfloat16 if bf16 and args.method != "full" else torch.float32
     torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
-    if use_fsdp(args, config, device):
+    if not args.quantize and use_fsdp(args, config, device):  # a quantized base: DDP (get_args refuses --fsdp)
         model, adapter = sharding.build(base, config, lambda m: attach(m, args), device, dtype,
                                         torch.bfloat16 if bf16 and args.method == "full" else None)
     else:
-        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+        model = common.load_base(base, dtype, device, args.quantize)
         adapter = attach(model, args)
     model.gradient_checkpointing = args.grad_checkpoint
     return base.resolve(), tok, model, adapter, train, test
