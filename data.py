@@ -152,7 +152,7 @@ def _read(path: Path, problems: _Problems) -> tuple[list[Example], set[str]]:
                 try:
                     obj = json.loads(raw.rstrip(b"\r\n"))
                 except json.JSONDecodeError as e:
-                    problems.add(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                    problems.add(f"{where}: invalid JSON at column {e.colno}: {e.msg.removesuffix(' at')}")
                     continue
                 except UnicodeDecodeError as e:
                     problems.add(f"{where}: invalid JSON, not UTF-8 ({e})")
@@ -474,6 +474,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:  # common.cli's handling, without importing common.py (which imports this file)
         main()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `python data.py | head`: the reader stopped early; end quietly, as common.cli does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a program a closed pipe ended

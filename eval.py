@@ -4,7 +4,7 @@ baseline, and how the routed experts share the work of each task. Scoring, the t
 
     python eval.py --ckpt runs/teamlora                   # prints the tables, writes eval.json and predictions
     torchrun --nproc_per_node 8 eval.py --ckpt runs/teamlora --data my_mix/
-    python eval.py --compare runs/lora runs/teamlora      # one row per run
+    python eval.py --compare runs/lora runs/teamlora      # one row per setup, seeds grouped (mean ± sd)
     python eval.py --ckpt runs/teamlora --knockout        # + the experts knocked out (analyses.py)
     python eval.py --ckpt runs/teamlora --prompt "..."    # generate with the run's adapters instead
 
@@ -149,7 +149,6 @@ def choice_scores(model, tok, examples, seq_len, batch_size=32, routing=None):
     dict to fill with {task: _routing_sums over each example's prompt and gold answer}, the tokens
     routing_by_task looks at, so that evaluation needs no second forward.
     """
-    device = _device(model)
     layers = [name for name, layer in teamlora.adapter_layers(model) if layer.routed] if routing is not None else []
     key = lambda item: (examples[item[0]].task, len(item[1]))  # noqa: E731
     groups = []  # runs of one key, cut at batch_size choice rows
@@ -160,36 +159,43 @@ def choice_scores(model, tok, examples, seq_len, batch_size=32, routing=None):
         else:
             groups.append([item])
     scores = [None] * len(examples)
-    for group in tqdm(groups, desc="scoring choices", leave=False, disable=_rank_world()[0] != 0):
-        # one row per choice: (its example in the group, the choice's index, its answer ids + EOS)
-        rows = [(g, j, a) for g, (_, _, answers) in enumerate(group) for j, a in enumerate(answers)]
-        tokens = torch.full((len(rows), max(len(a) for _, _, a in rows)), tok.pad_id, dtype=torch.long)  # (R, C)
-        targets = torch.full_like(tokens, IGNORE)
-        for r, (g, _, a) in enumerate(rows):
-            tokens[r, :len(a)] = torch.tensor([group[g][1][-1]] + a[:-1])
-            targets[r, :len(a)] = torch.tensor(a)
-        prompts = torch.tensor([p[:-1] for _, p, _ in group], device=device)  # (G, L - 1)
-        task, start = examples[group[0][0]].task, prompts.shape[1]
-        model.setup_cache(len(rows), start + tokens.shape[1])
-        try:
-            if start > 0:  # targets all IGNORE: the prompts only fill the cache, no output layer runs
-                model(prompts, torch.full_like(prompts, IGNORE), reduction="none")
-                if layers:
-                    routing[task] = routing.get(task, 0) + _routing_sums(model, layers, None)
-            model.select_cache(torch.tensor([g for g, _, _ in rows], device=device))  # row r: its example's prompt
-            logp = -model(tokens.to(device), targets.to(device), reduction="none", start_pos=start).sum(1)  # (R,)
-        finally:
-            model.clear_cache()
-        if layers:  # the gold rows' inputs: the last prompt token and the answer (its EOS is only a target)
-            gold = torch.zeros(tokens.shape, dtype=torch.bool)
-            for r, (g, j, a) in enumerate(rows):
-                ex = examples[group[g][0]]
-                gold[r, :len(a)] = ex.choices[j] == ex.output
-            routing[task] = routing.get(task, 0) + _routing_sums(model, layers, gold)
-        logp, r = logp.tolist(), 0
-        for i, _, answers in group:
-            scores[i], r = logp[r:r + len(answers)], r + len(answers)
+    try:  # one KV cache for every group: grown to the largest group's rows x (prompt + longest choice)
+        for group in tqdm(groups, desc="scoring choices", leave=False, disable=_rank_world()[0] != 0):
+            _score_group(model, tok, examples, group, layers, routing, scores)
+    finally:
+        model.clear_cache()
     return scores
+
+
+def _score_group(model, tok, examples, group, layers, routing, scores):
+    """choice_scores for one group of examples sharing a prompt length: one prefill, one row per choice."""
+    device = _device(model)
+    # one row per choice: (its example in the group, the choice's index, its answer ids + EOS)
+    rows = [(g, j, a) for g, (_, _, answers) in enumerate(group) for j, a in enumerate(answers)]
+    tokens = torch.full((len(rows), max(len(a) for _, _, a in rows)), tok.pad_id, dtype=torch.long)  # (R, C)
+    targets = torch.full_like(tokens, IGNORE)
+    for r, (g, _, a) in enumerate(rows):
+        tokens[r, :len(a)] = torch.tensor([group[g][1][-1]] + a[:-1])
+        targets[r, :len(a)] = torch.tensor(a)
+    prompts = torch.tensor([p[:-1] for _, p, _ in group], device=device)  # (G, L - 1)
+    task, start = examples[group[0][0]].task, prompts.shape[1]
+    model.setup_cache(len(rows), start + tokens.shape[1])  # reused when large enough: no allocation
+    if start > 0:  # targets all IGNORE: the prompts only fill the cache, no output layer runs
+        model(prompts, torch.full_like(prompts, IGNORE), reduction="none")
+        if layers:
+            routing[task] = routing.get(task, 0) + _routing_sums(model, layers, None)
+    # row r continues its example's prompt: the prompt's positions copied, nothing past them
+    model.select_cache(torch.tensor([g for g, _, _ in rows], device=device), start)
+    logp = -model(tokens.to(device), targets.to(device), reduction="none", start_pos=start).sum(1)  # (R,)
+    if layers:  # the gold rows' inputs: the last prompt token and the answer (its EOS is only a target)
+        gold = torch.zeros(tokens.shape, dtype=torch.bool)
+        for r, (g, j, a) in enumerate(rows):
+            ex = examples[group[g][0]]
+            gold[r, :len(a)] = ex.choices[j] == ex.output
+        routing[task] = routing.get(task, 0) + _routing_sums(model, layers, gold)
+    logp, r = logp.tolist(), 0
+    for i, _, answers in group:
+        scores[i], r = logp[r:r + len(answers)], r + len(answers)
 
 
 @torch.no_grad()
@@ -521,6 +527,20 @@ def _router(summary):
     return (summary.get("adapter") or {}).get("router") or summary["config"].get("router") or "default"
 
 
+def _distinct(group):
+    """Refuse to count one run twice as two seeds of a setup (the sd would shrink): the same
+    directory named twice, or a copy of a run, whose summary.json (its training time to the
+    microsecond, tokens, final loss) is the other's. A run evaluated on other test examples is
+    another setup's row, not a seed, and may appear beside itself."""
+    seen = {}
+    for d, s, _ in group:
+        for key in (("dir", str(d.resolve())), ("summary", json.dumps(s, sort_keys=True))):
+            if key in seen:
+                what = "are one directory" if key[0] == "dir" else "are copies of one run (identical summary.json)"
+                raise UserError(f"--compare: {seen[key]} and {d} {what}: it would count as two seeds; name it once")
+            seen[key] = d
+
+
 def compare(out_dirs):
     """One row per setup (summary.json + eval.json): runs that differ only in the seed become one
     row, each number their mean ± sd. Columns: setup, cost, test examples, average, per-task
@@ -534,6 +554,7 @@ def compare(out_dirs):
         groups.setdefault(_setup(s, e, d / "summary.json"), []).append((d, s, e))
     rows = []
     for group in groups.values():
+        _distinct(group)
         d, s, e = group[0]
         c = s["config"]
 
@@ -596,6 +617,12 @@ def _n(evaluation):
 # ----------------------------------------------------------------------------- command line
 
 
+def load_for_eval(ckpt, base, device):
+    """A run's model as it is evaluated (here and in train.py's final evaluation): a bf16 base on
+    GPUs (float32 on CPUs), the trained tensors loaded into it (adapters stay float32 either way)."""
+    return common.load_model(ckpt, base, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def generate(out_dir, prompt, max_new_tokens=32, base=None, device=None):
     """The prompt and its greedy continuation by a train.py run (its base with its adapters)."""
     device = common.default_device(device)
@@ -605,13 +632,31 @@ def generate(out_dir, prompt, max_new_tokens=32, base=None, device=None):
     return prompt + tok.decode(new)
 
 
+def check_args(p, args):
+    """Every flag's rule, before a run, a mixture or a weight is read: one line naming the flag
+    (p.error: exit status 2)."""
+    for flag, least in (("limit", 0), ("batch_size", 1), ("max_new_tokens", 1)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least {least}")
+    if (why := common.check_device(args.device)) is not None:
+        p.error(f"--device {why}")
+    if args.prompt is not None and (not args.ckpt or args.export):
+        p.error("--prompt needs --ckpt OUT, and no --export")
+    if args.export and not args.ckpt:
+        p.error("--export needs --ckpt OUT")
+    if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
+        p.error(f"--export {args.export}: a file, not a directory")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ckpt", metavar="OUT", help="a train.py output directory: prints the tables and writes "
                       "OUT/eval.json (what --compare reads), OUT/predictions.jsonl and OUT/routing.png, replacing "
                       "those of the final evaluation in training or of an earlier eval.py")
-    what.add_argument("--compare", nargs="+", metavar="OUT", help="print one row per evaluated run")
+    what.add_argument("--compare", nargs="+", metavar="OUT", help="evaluated runs (eval.json) side by side: one "
+                      "row per setup, the runs that differ only in --seed grouped into one (mean ± sd); a run "
+                      "named twice, or a copy of one, is refused")
     p.add_argument("--data", help="mixture to test on; its train split gives the majority baseline "
                    "(default: the one the run trained on)")
     p.add_argument("--base", help="where the base model is now, if it moved since training (default: where it was)")
@@ -625,26 +670,22 @@ def main(argv=None):
                    "each token's top-1 expert, each expert dropped, each alone (2 k + 1 more evaluations; "
                    "eval.json's \"knockout\", see analyses.py)")
     p.add_argument("--export", metavar="DIR", help="instead of evaluating, write the run's adapters for "
-                   "Hugging Face models (LoRA: a PEFT directory; see export.py)")
+                   "Hugging Face models (LoRA: a PEFT directory; see export.py); an earlier export in DIR is "
+                   "replaced whole, a directory holding other files is refused")
     p.add_argument("--prompt", help="instead of evaluating, print this text and its greedy continuation by the run "
                    "(--ckpt); the text is the model's input as written (fine-tuned adapters expect the training "
                    "prompt template, data.py)")
     args = p.parse_args(argv)
-    if args.limit < 0:
-        p.error("--limit cannot be negative")
+    check_args(p, args)
     if args.knockout and (not args.ckpt or args.export or args.prompt is not None):
         p.error("--knockout needs --ckpt OUT, and no --export or --prompt")
     if args.prompt is not None:
-        if not args.ckpt or args.export:
-            p.error("--prompt needs --ckpt OUT, and no --export")
         print(generate(args.ckpt, args.prompt, args.max_new_tokens, args.base, args.device))
         return
     if args.export:
-        if not args.ckpt:
-            p.error("--export needs --ckpt OUT")
-        from export import export_adapters
-        model, _, config = common.load_run(args.ckpt, base=args.base)  # CPU, float32: the adapters as trained
-        export_adapters(model, config, args.export)
+        from export import check_export_dir, export_adapters, load_adapters
+        check_export_dir(args.export)  # before anything is read
+        export_adapters(*load_adapters(args.ckpt, base=args.base), args.export)  # the base's weights stay unread
         return
     if args.compare:
         print(compare(args.compare))
@@ -655,12 +696,11 @@ def main(argv=None):
         if args.knockout and config["method"] in ("lora", "full"):
             raise UserError(f"--knockout: {args.ckpt} is a {config['method']} run, it has no experts to knock out "
                             "(routed methods: moelora, hydralora, teamlora)")
-        data = args.data or config["data"]
-        train, test = load_mixture(data)
+        data = args.data or config["data"]  # as given, for eval.json; read from where the run found it
+        train, test = load_mixture(args.data or common.run_data(ckpt))
         if not test:
             raise UserError(f"no test split in {data}: nothing to evaluate (--data names a mixture with one)")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
-        model = common.load_model(ckpt, base, device, dtype)
+        model = load_for_eval(ckpt, base, device)
         predictions = []
         results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens,
                            args.limit or None, majority=majority_labels(train), predictions=predictions)

@@ -1,4 +1,4 @@
-"""TeamLoRA and its baselines as drop-in wrappers for nn.Linear. Imports only torch.
+"""TeamLoRA and its baselines as drop-in wrappers for nn.Linear (quantized ones too). Imports only torch.
 
 Copy this one file into any project:
 
@@ -10,7 +10,9 @@ Copy this one file into any project:
 Every adapter adds a trainable bypass delta(x) to a frozen layer y = W0 x (+ b). Routing is per
 token, over the last dimension of inputs of any shape (..., d_in). r is the rank of one expert and
 s = alpha / r for every method, so TeamLoRA's scale is alpha / r_B (r_B = r), not alpha / (k r).
-drop(x) is one dropout mask, shared by all of a layer's experts.
+drop(x) is one dropout mask, shared by all of a layer's experts. LoRA and TeamLoRA compute A drop(x)
+with `dropout_linear`, which keeps x and a bool mask for backward instead of drop(x); the router reads
+x itself, so under bf16 autocast a TeamLoRA layer saves for backward what a LoRA layer saves.
 
     teamlora   z = A drop(x), split into z_1..z_k            A (k r, d_in), expert i reads slice z_i (r)
                delta = s sum_i w_i B_i z_i                   B_i (d_out, r), w = router(x)
@@ -18,7 +20,8 @@ drop(x) is one dropout mask, shared by all of a layer's experts.
     moelora    delta = s sum_i g_i B_i A_i drop(x)           k independent experts, g = router(x)
     hydralora  delta = s sum_i g_i B_i A drop(x)             one shared A (r, d_in), k heads B_i
 
-Routers (`router=`), always computed in float32:
+Routers (`router=`), computed in float32; under autocast the logits W_S x are one matmul in the
+input's dtype (a bf16 model: x and W_S rounded to bf16, the k logits too), then cast to float32:
     softmax    g = softmax(W_g x)                                    sums to 1 per token
     shapley    phi = softmax(W_S x);  w~ = M phi;  t = sum_j w~_j
                w = k w~ / d,   d = sign(t) max(|t|, tau sum_j |w~_j|, 1e-6),   tau = 0.1
@@ -55,6 +58,12 @@ adapter_state_dict, load_adapter_state_dict, adapter_aux_loss, merge_adapters, u
 routing_stats, routing_entropy, parameter_report, adapter_layers; for analysis, set_knockout (knock_out) and
 interaction_summary. Base tensors keep their names (`...w1.weight`);
 every adapter tensor's name starts with `lora_`, so base checkpoints load unchanged after injection.
+
+Quantized bases (QLoRA-style): any subclass of nn.Linear is adapted, e.g. a model loaded with
+transformers' BitsAndBytesConfig(load_in_4bit=True). Such a layer computes W0 x with its own forward
+(a 4-bit one dequantizes in its compute dtype), the adapters add delta(x) in float32, and its
+state-dict entries keep their names (`w1.weight`, `w1.weight.absmax`, ...). Only merging needs a
+plain nn.Linear: merge_adapters refuses a quantized base.
 """
 import math
 
@@ -68,7 +77,8 @@ PREFIX = "lora_"
 
 
 class Router(nn.Module):
-    """Per-token expert weights in float32: `softmax` (sum 1) or `shapley` (interaction matrix, sum k)."""
+    """Per-token expert weights in float32: `softmax` (sum 1) or `shapley` (interaction matrix, sum k).
+    Outside autocast exactly float32; under it W_S x runs in x's dtype (see the module docstring)."""
 
     tau = 0.1  # the normaliser guard: sum_i |w_i| <= k / tau
 
@@ -85,13 +95,20 @@ class Router(nn.Module):
             self.lora_M = nn.Parameter(torch.eye(k) + off)
 
     def forward(self, x):
-        # float32 under bf16 autocast too (softmax and the normaliser are sensitive); the autocast
-        # context is entered only when autocast is on, since entering it is dear at decode.
         if torch.is_autocast_enabled(x.device.type):
+            # W_S x in x's own dtype (bf16 in a bf16 model): the matmul saves x itself for backward,
+            # the tensor the layer's A product saved already (dropout_linear), where x.float() would
+            # save a float32 copy (4 bytes per input value per routed layer). Only the k logits are
+            # rounded to bf16; softmax, M and the normaliser stay float32. The autocast context is
+            # entered only when autocast is on, since entering it is dear at decode.
             with torch.autocast(x.device.type, enabled=False):
-                return self.forward(x)
+                return self.weights(F.linear(x, self.lora_gate.to(x.dtype)).float())
         # .float() returns float32 tensors themselves: a cast only for bf16 inputs or adapters.
-        phi = torch.softmax(F.linear(x.float(), self.lora_gate.float()), dim=-1)  # (..., k)
+        return self.weights(F.linear(x.float(), self.lora_gate.float()))
+
+    def weights(self, logits):
+        """The expert weights (..., k) of float32 logits W_S x (..., k)."""
+        phi = torch.softmax(logits, dim=-1)  # (..., k)
         if self.kind == "softmax":
             return phi
         mixed = F.linear(phi, self.lora_M.float())  # w~ = M phi: w~_i = sum_j M_ij phi_j (..., k)
@@ -102,30 +119,82 @@ class Router(nn.Module):
         return self.k * mixed / d.clamp_min(1e-6).copysign(t)
 
 
+class _DropoutLinear(torch.autograd.Function):
+    """A drop(x) for backward from x and the dropout mask (bool), not from the dropped copy of x."""
+
+    @staticmethod
+    def forward(ctx, x, A, p):
+        mask = torch.native_dropout(x, p, True)[1]  # the mask nn.Dropout draws, from the same RNG
+        z = F.linear(x * _noise(mask, p, x.dtype), A)  # under autocast in its dtype, as outside a Function
+        ctx.p, ctx.dtype = p, z.dtype
+        ctx.save_for_backward(x, mask, A)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        # autograd's own chain in the forward's dtypes: drop(x) = x * noise -> cast -> linear with A cast
+        x, mask, A = ctx.saved_tensors
+        noise = _noise(mask, ctx.p, x.dtype)
+        dx = dA = None
+        if ctx.needs_input_grad[0]:
+            dx = (grad @ A.to(ctx.dtype)).to(x.dtype) * noise
+        if ctx.needs_input_grad[1]:
+            dropped = (x * noise).to(ctx.dtype)  # drop(x) again, bit for bit
+            dA = (grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(A.dtype)  # (r, d_in)
+        return dx, dA, None
+
+
+def _noise(mask, p, dtype):
+    """mask / (1 - p) in x's dtype, as nn.Dropout scales its mask on a CPU (bf16: 1 / (1 - p) rounded)."""
+    return mask.to(dtype) * (1.0 / (1.0 - p))
+
+
+def dropout_linear(x, A, dropout, training):
+    """F.linear(dropout(x), A), the first product of an adapter, saving x and a bool mask for
+    backward instead of drop(x) (2-4 bytes per input value): the router reads x itself, so a
+    routed layer keeps one copy of its input, as a LoRA layer does (and w1 and w3 share theirs)."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if not (training and 0.0 < p < 1.0 and torch.is_grad_enabled()):
+        return F.linear(dropout(x), A)
+    return _DropoutLinear.apply(x, A, p)
+
+
 class AdapterLinear(nn.Linear):
-    """Base of the wrappers: holds the frozen `weight`/`bias` of the nn.Linear it replaces, under
-    the same names, and adds delta(x). Subclasses set `lora_*` parameters and `delta`."""
+    """Base of the wrappers: holds the frozen `weight`/`bias` of the linear layer it replaces, under
+    the same names, and adds delta(x). Subclasses set `lora_*` parameters and `delta`.
+
+    The layer may be any nn.Linear subclass (bitsandbytes' 4-bit Linear4bit and 8-bit Linear8bitLt, a
+    layer with its own forward). Such a layer is kept as `self.base` and computes y with its own
+    forward, on the same weight and bias objects; it stays outside the module tree, so its tensors
+    keep their names (`w1.weight`, not `w1.base.weight`), and its own code writes and reads its extra
+    state-dict entries (bitsandbytes: `w1.weight.absmax`, `w1.weight.quant_map`, ..., `w1.SCB`).
+    A plain nn.Linear needs none of this: base is None and y = F.linear(x, weight, bias)."""
 
     routed = False
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout):
         nn.Module.__init__(self)  # reuse base's tensors: no new allocation, same state-dict names
+        # From the layer, not weight.shape: a packed 4-bit weight is (d_out d_in / 2, 1) uint8.
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        object.__setattr__(self, "base", None if type(base) is nn.Linear else base)  # an attribute, not a submodule
         self.rank, self.scale = rank, alpha / rank  # s = alpha / r, r the rank of one expert
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def _init_A(self, k, r):
         """k matrices A_i (r, d_in), (k, r, d_in), each kaiming-uniform as nn.Linear inits its weight
-        (bound 1 / sqrt(d_in)), drawn one after another: MoELoRA's A_i stacked are TeamLoRA's A."""
+        (bound 1 / sqrt(d_in)), drawn one after another: MoELoRA's A_i stacked are TeamLoRA's A.
+        Adapters are float32 on the layer's device, whatever the base's dtype (bf16, packed uint8)."""
         A = torch.empty(k, r, self.in_features, device=self.weight.device)
         for a in A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         return A
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        # A base with its own forward computes in its own dtype (bitsandbytes 4-bit: its compute_dtype)
+        # and returns y in x's dtype; delta below takes x as it came, like the base.
+        y = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
         if self.merged:
             return y
         # Adapters keep their own dtype (float32) when the base runs in bf16. Under autocast the
@@ -134,8 +203,44 @@ class AdapterLinear(nn.Linear):
             x = x.to(self.lora_A.dtype)
         return y + self.delta(x).to(y.dtype)
 
+    def cannot_merge(self):
+        """Why W0 + s B A cannot stand for this layer (merge raises it), or None."""
+        if self.base is not None:
+            return (f"its base is a {type(self.base).__name__}, not a plain nn.Linear: its weight is not the "
+                    "matrix W0 its forward multiplies by (a quantized weight is packed). Load the adapters on "
+                    "the unquantized base to merge them")
+        return None
+
+    # A base other than nn.Linear stays itself: what nn.Module does for a submodule, done by hand.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias, the lora_ tensors
+        if self.base is not None:  # then the base's entries as it writes them (bnb: packed weight + quant state)
+            self.base._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        n = len(unexpected)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if self.base is not None:  # what nn.Module did not know (bnb 8-bit: SCB), through the base's own loader
+            own = unexpected[n:] + [prefix + "weight", prefix + "bias"]
+            theirs = {k: v for k, v in state_dict.items() if k in own}
+            del unexpected[n:]
+            self.base._load_from_state_dict(theirs, prefix, local_metadata, strict, [], unexpected, errors)
+            self.weight, self.bias = self.base.weight, self.base.bias  # as it loaded them (assign=True replaces)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # .to(), .float(), ...: may replace weight and bias by new tensors
+        if self.base is not None:
+            self.base.weight, self.base.bias = self.weight, self.bias
+        return self
+
+    def train(self, mode=True):
+        if self.base is not None:
+            self.base.train(mode)  # bitsandbytes' forwards read their own `training`
+        return super().train(mode)
+
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, rank={self.rank}, scale={self.scale:g}"
+        base = "" if self.base is None else f", base={type(self.base).__name__}"
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, scale={self.scale:g}{base}"
 
 
 class RoutedLinear(AdapterLinear):
@@ -157,11 +262,12 @@ class RoutedLinear(AdapterLinear):
         self.last_weights = w
         return w
 
+    def cannot_merge(self):
+        return ("its expert weights depend on each token (w(x)), so sum_i w_i(x) B_i A_i is no fixed matrix. "
+                "Only LoRA merges; keep routed adapters unmerged")
+
     def merge(self, sign=1.0):
-        raise ValueError(
-            f"{type(self).__name__} cannot be merged into W0: its expert weights depend on each token "
-            "(w(x)), so sum_i w_i(x) B_i A_i is no fixed matrix. Only LoRA merges; keep routed adapters unmerged."
-        )
+        raise ValueError(f"{type(self).__name__} cannot be merged into W0: {self.cannot_merge()}")
 
 
 KNOCKOUTS = ("top1", "drop", "alone")
@@ -218,7 +324,7 @@ class TeamLoRALinear(RoutedLinear):
 
     def delta(self, x):
         w = self.route(x)  # (..., k) float32
-        z = F.linear(self.dropout(x), self.lora_A)  # (..., k r)
+        z = dropout_linear(x, self.lora_A, self.dropout, self.training)  # A drop(x) (..., k r)
         return F.linear(z * F.linear(w.to(z.dtype), self.expand), self.lora_B)  # z_i *= s w_i: rank space
 
     def delta_loop(self, x):
@@ -238,12 +344,15 @@ class LoRALinear(AdapterLinear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))  # (d_out, r)
 
     def delta(self, x):
-        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B)  # s applied on r, not d_out
+        z = dropout_linear(x, self.lora_A, self.dropout, self.training)  # A drop(x) (..., r)
+        return F.linear(z * self.scale, self.lora_B)  # s applied on r, not d_out
 
     @torch.no_grad()
     def merge(self, sign=1.0):
         if self.merged == (sign > 0):
             return
+        if self.cannot_merge():
+            raise ValueError(f"{type(self).__name__} cannot be merged into W0: {self.cannot_merge()}")
         dW = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)
         self.weight.add_((sign * dW).to(self.weight.dtype))
         self.merged = sign > 0
@@ -288,9 +397,10 @@ METHODS = tuple(WRAPPERS)
 
 
 def add_adapters(model, method, rank, experts=4, alpha=32.0, dropout=0.05, targets=FFN_TARGETS, router=None):
-    """Replace every nn.Linear whose module name ends in one of `targets` by `method`'s wrapper,
-    then freeze everything but the adapters. `rank` is the per-expert rank r, `experts` is k;
-    `router=None` picks the method's own (teamlora: shapley, others: softmax). Returns the model.
+    """Replace every nn.Linear (or subclass: bitsandbytes' 4-/8-bit layers) whose module name ends in
+    one of `targets` by `method`'s wrapper, then freeze everything but the adapters. `rank` is the
+    per-expert rank r, `experts` is k; `router=None` picks the method's own (teamlora: shapley,
+    others: softmax). Returns the model.
     These keyword arguments are the whole adapter config: `add_adapters(model, **config)` rebuilds it."""
     if method not in WRAPPERS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -302,7 +412,8 @@ def add_adapters(model, method, rank, experts=4, alpha=32.0, dropout=0.05, targe
     elif router not in (None, "softmax"):
         raise ValueError(f"method 'lora' has no router, got router={router!r}")
     targets = set(targets)
-    found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets]
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not isinstance(m, AdapterLinear) and n.rsplit(".", 1)[-1] in targets]
     if not found:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear named {sorted(targets)} in the model; its linear layers are named {names}")
@@ -344,22 +455,25 @@ def load_adapter_state_dict(model, state):
 
 
 def _shares(layer, mask):
-    """Per-token expert shares (tokens, k) summing to 1, restricted to real tokens when mask is given."""
-    p = layer.last_weights / layer.router.total
-    p = p.reshape(-1, layer.k)
-    if mask is not None:
-        p = p[mask.reshape(-1).to(p.device).bool()]
-    return p
+    """(k,) expert i's shares summed over real tokens (every token when mask is None), and their
+    count (a 0-dim tensor). A mask-weighted sum, not p[mask]: boolean indexing has a data-dependent
+    shape, a device-to-host sync per routed layer on a GPU; this stays on the device."""
+    p = (layer.last_weights / layer.router.total).reshape(-1, layer.k)  # (N, k)
+    if mask is None:
+        return p.sum(0), torch.tensor(float(p.shape[0]), device=p.device)
+    m = mask.reshape(-1, 1).to(device=p.device, dtype=p.dtype)  # (N, 1): 1 on real tokens
+    return (p * m).sum(0), m.sum()
 
 
 def adapter_aux_loss(model, mask=None):
     """L_bal = k sum_i (p_i - 1/k)^2 of the last forward, averaged over routed layers; 0 (float32, on
     the model's device, so collectives can reduce it) if none. mask: (...) of the input's leading
-    shape, true on real (non-padding) tokens."""
+    shape, true on real (non-padding) tokens. No host sync: it can run every micro-step."""
     losses = []
     for _, layer in adapter_layers(model):
         if layer.routed and layer.last_weights is not None:
-            p = _shares(layer, mask).mean(0)  # (k,)
+            total, n = _shares(layer, mask)
+            p = total / n.clamp_min(1.0)  # (k,) mean share; 0 without real tokens
             losses.append(layer.k * ((p - 1.0 / layer.k) ** 2).sum())
     if losses:
         return torch.stack(losses).mean()
@@ -380,15 +494,22 @@ def routing_stats(model, mask=None):
     """Per routed layer, from the last forward: {"weight_sum": (k,) sum over tokens of each expert's
     share, "entropy_sum": sum over tokens of the routing entropy (nats, `routing_entropy`), "top_half":
     tokens whose largest share exceeds 1/2, "tokens": count}. Sums, so callers can accumulate over
-    batches; mean share = weight_sum / tokens."""
-    stats = {}
+    batches; mean share = weight_sum / tokens. Computed on the device with masked sums, then copied
+    to the host once for all layers."""
+    names, rows = [], []
     for name, layer in adapter_layers(model):
         if layer.routed and layer.last_weights is not None:
-            p = _shares(layer, mask).float()
-            entropy = routing_entropy(p)
-            stats[name] = {"weight_sum": p.sum(0).cpu(), "entropy_sum": entropy.sum().item(), "tokens": p.shape[0],
-                           "top_half": (p.amax(-1) > 0.5).sum().item()}
-    return stats
+            weight_sum, n = _shares(layer, mask)
+            p = (layer.last_weights / layer.router.total).reshape(-1, layer.k).float()  # (N, k)
+            m = 1.0 if mask is None else mask.reshape(-1).to(device=p.device, dtype=p.dtype)  # (N,)
+            rows.append(torch.cat([weight_sum.float(), (routing_entropy(p) * m).sum()[None],
+                                   ((p.amax(-1) > 0.5).float() * m).sum()[None], n.float()[None]]))
+            names.append(name)
+    if not rows:
+        return {}
+    table = torch.stack(rows).double().cpu()  # (layers, k + 3): the one transfer
+    return {name: {"weight_sum": row[:-3].float(), "entropy_sum": row[-3].item(), "top_half": int(row[-2]),
+                   "tokens": int(row[-1])} for name, row in zip(names, table)}
 
 
 @torch.no_grad()
@@ -415,8 +536,13 @@ def interaction_summary(model):
 
 
 def merge_adapters(model):
-    """Fold LoRA into W0 for inference (raises on routed methods)."""
-    for _, layer in adapter_layers(model):
+    """Fold LoRA into W0 for inference. Raises, before any layer changes, where one cannot merge: a
+    routed method, or a base other than a plain nn.Linear (a quantized one)."""
+    layers = adapter_layers(model)
+    for name, layer in layers:
+        if layer.cannot_merge():
+            raise ValueError(f"{name} ({type(layer).__name__}) cannot be merged into W0: {layer.cannot_merge()}")
+    for _, layer in layers:
         layer.merge(+1.0)
 
 
@@ -431,11 +557,14 @@ def parameter_report(model):
     trainable, and the trainable share of the base model in percent."""
     count = {"adapter": 0, "router": 0, "total": 0, "trainable": 0}
     for n, p in model.named_parameters():
-        leaf = n.rsplit(".", 1)[-1]
-        count["total"] += p.numel()
-        count["trainable"] += p.numel() if p.requires_grad else 0
+        owner, _, leaf = n.rpartition(".")
+        layer, numel = model.get_submodule(owner), p.numel()
+        if leaf == "weight" and isinstance(layer, nn.Linear):  # a packed (quantized) weight: the matrix it stands for
+            numel = layer.in_features * layer.out_features
+        count["total"] += numel
+        count["trainable"] += numel if p.requires_grad else 0
         if leaf.startswith(PREFIX):
-            count["router" if ".router." in f".{n}" else "adapter"] += p.numel()
+            count["router" if ".router." in f".{n}" else "adapter"] += numel
     count["base"] = count["total"] - count["adapter"] - count["router"]
     count["trainable_pct"] = 100.0 * count["trainable"] / max(count["base"], 1)
     return count

@@ -1,7 +1,8 @@
 """Fine-tune a LLaMA on a multi-task mixture with TeamLoRA or a baseline, in plain PyTorch DDP.
 
-    python train.py --base tiny                          # CPU quick start: tiny base + built-in mixture
-    python train.py --method lora --rank 32              # SmolLM2-135M-Instruct, the cpu preset on a CPU
+    python train.py --method teamlora                    # quick start: SmolLM2-135M-Instruct (the Hub), cpu preset
+    python train.py --method lora --rank 32 --base tiny  # offline: the built-in tiny base, pretrained on first use
+    python train.py --out runs/teamlora --resume         # continue a run with its own flags
     torchrun --nproc_per_node 8 train.py --base /ckpt/Llama-2-7b-hf --data my_mix/ --rank 32
 
 One process per device: nccl on GPUs, gloo on CPUs. OUT holds adapters.safetensors, checkpoint.pt
@@ -10,6 +11,8 @@ eval.json, predictions.jsonl and routing.png (eval.py says what they hold). An O
 finished or started, is refused unless --resume continues it or --overwrite replaces it.
 """
 import argparse
+import gc
+import inspect
 import json
 import math
 import os
@@ -31,8 +34,10 @@ import common
 import data
 import eval as evaluation
 import pretrain
+import sharding
 import teamlora
 from common import UserError, cli
+from export import HF_MODULES
 from model import Transformer
 
 # The defaults of the flags whose help says "preset". tiny: the quick start on the tiny base.
@@ -90,11 +95,19 @@ def get_args(argv=None):
     p.add_argument("--task-cap", type=int, help="at most this many training examples per task (default: all)")
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 autocast on GPUs, else float32")
+    p.add_argument("--quantize", choices=common.QUANTIZE, help="load the frozen base's block layers quantized "
+                   "with bitsandbytes (QLoRA-style: nf4 = 4-bit NormalFloat, int8 = LLM.int8()); default: not")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (lengths padded "
+                   "to a multiple of 64 so few shapes recompile); the first steps pay minutes of compiling: "
+                   "worth it on GPUs for long runs, not on a CPU (README)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help="shard weights, gradients and optimizer "
+                   "state over the ranks (FSDP2) instead of DDP (default: FSDP under torchrun on GPUs when DDP "
+                   "would not fit, README)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward")
     again = p.add_mutually_exclusive_group()  # without either, an OUT that holds a run is refused
-    again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt; "
+                       "training flags left out take the run's values, those given must match them")
     again.add_argument("--overwrite", action="store_true", help="replace the run that OUT holds, finished or not")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps; 0 = only at the end")
     p.add_argument("--eval-limit", type=int, help="test examples per task at the end; 0 = all " + preset("eval_limit"))
@@ -102,25 +115,110 @@ def get_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=700, help="steps of the tiny base's pretraining")
     p.add_argument("--timeout", type=float, default=30.0, help="minutes before a collective gives up on a dead rank")
     args = p.parse_args(argv)
+    args.out = args.out or f"runs/{args.method}"
+    if args.resume:
+        take_stored_flags(p, argv, args)
     if args.preset is None:
-        gpu = common.default_device(args.device).type == "cuda"
+        gpu = not common.check_device(args.device) and common.default_device(args.device).type == "cuda"
         args.preset = "tiny" if args.base == "tiny" else "paper" if gpu else "cpu"
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.out = args.out or f"runs/{args.method}"
-    for flag in ("rank", "experts", "batch_size", "grad_accum", "seq_len"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.temperature <= 0 or (args.task_cap is not None and args.task_cap < 1):
-        p.error("--temperature must be positive and --task-cap at least 1")
-    if min(args.max_steps, args.save_every, args.eval_limit) < 0:
-        p.error("--max-steps, --save-every and --eval-limit cannot be negative")
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Every flag's rule, before any data, base or tiny base is read or built: a flag that breaks
+    one is refused in one line naming it and the rule (p.error: exit status 2)."""
+    for flag, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{flag.replace('_', '-')} {value}: must be a finite number")
+    rules = {"rank": (args.rank >= 1, "at least 1"), "experts": (args.experts >= 1, "at least 1"),
+             "alpha": (args.alpha > 0, "positive (the adapter scale is alpha / r)"),
+             "dropout": (0 <= args.dropout < 1, "a probability in [0, 1)"),
+             "balance": (args.balance >= 0, "0 (off) or positive"), "epochs": (args.epochs > 0, "positive"),
+             "max_steps": (args.max_steps >= 0, "0 (use --epochs) or more"),
+             "batch_size": (args.batch_size >= 1, "at least 1"), "grad_accum": (args.grad_accum >= 1, "at least 1"),
+             "seq_len": (args.seq_len >= 1, "at least 1"), "lr": (args.lr > 0, "positive"),
+             "warmup": (0 <= args.warmup < 1, "a fraction of the steps in [0, 1)"),
+             "weight_decay": (args.weight_decay >= 0, "0 or positive"),
+             "clip": (args.clip >= 0, "0 (off) or positive: the largest gradient norm"),
+             "temperature": (args.temperature > 0, "positive"),
+             "task_cap": (args.task_cap is None or args.task_cap >= 1, "at least 1"),
+             "save_every": (args.save_every >= 0, "0 (only at the end) or more"),
+             "eval_limit": (args.eval_limit >= 0, "0 (all) or more"),
+             "pretrain_steps": (args.pretrain_steps >= 1, "at least 1"),
+             "timeout": (args.timeout > 0, "positive (minutes)"),
+             "skip_nonfinite": (args.skip_nonfinite >= 0, "0 (stop at the first) or more")}
+    for flag, (ok, rule) in rules.items():
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {rule}")
     if args.method == "lora" and args.router:
         p.error("--router: method lora has no router")
-    if args.skip_nonfinite < 0:
-        p.error("--skip-nonfinite cannot be negative")
-    return args
+    if args.method == "full" and args.quantize:
+        p.error("--quantize: --method full trains every weight, and quantized weights cannot be trained")
+    if args.fsdp and args.quantize:
+        p.error("--quantize: not with --fsdp (bitsandbytes' packed weights are not sharded; DDP holds a 4-bit base)")
+    if (why := common.check_device(args.device)) is not None:
+        p.error(f"--device {why}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out}: a file, not a directory")
+    if args.method != "full":
+        try:
+            targets = model_targets(args.targets)
+        except ValueError as e:
+            p.error(f"--targets {e}")
+        if "output" in targets and args.method != "lora":
+            # model.forward runs the output layer at the answer tokens only, so its router would see
+            # other tokens than the balance term's mask and the routing statistics cover
+            p.error(f"--targets output: {args.method} routes every token of a layer, but the output layer runs "
+                    "only at the answer tokens; adapt it with --method lora, or leave it out")
+
+
+# model.py's linear layers by their Meta names, each with its Hugging Face name (export.py's table):
+# --targets takes either, whatever the base's layout, since model.py always uses Meta's.
+HF_NAMES = {**{m.rsplit(".", 1)[1]: hf.rsplit(".", 1)[1] for m, hf in HF_MODULES.items()}, "output": "lm_head"}
+
+
+def model_targets(names):
+    """--targets in model.py's names, each once (Hugging Face's translated: q_proj -> wq, ...).
+    A name that is no linear layer of model.py's Transformer, under either naming, is an error."""
+    meta = {hf: m for m, hf in HF_NAMES.items()}
+    unknown = [n for n in names if n not in HF_NAMES and n not in meta]
+    if not names:
+        raise ValueError("names no layer")
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a linear layer of the model; its layers are "
+                         f"{', '.join(HF_NAMES)}, or by their Hugging Face names {', '.join(meta)}")
+    return list(dict.fromkeys(meta.get(n, n) for n in names))
+
+
+def take_stored_flags(p, argv, args):
+    """--resume: every training flag not on the command line takes the run's stored value; those
+    given must match it (read_resume). Flags of common.RUN_ONLY (--device, --no-eval, --save-every
+    ...) say how this command runs, and keep this command's values, given or default.
+    The run's data is found as eval.py finds it (common.run_data). Reads OUT/checkpoint.pt
+    mapped, not loaded: nothing is built yet."""
+    out = Path(args.out)
+    if not (out / common.CHECKPOINT).is_file():
+        if (out / "log.jsonl").exists():
+            raise UserError(f"--resume: {out} holds a run that stopped before its first checkpoint ({out / 'log.jsonl'}"
+                            f", no {common.CHECKPOINT}): there is nothing to resume; --overwrite starts it again")
+        raise UserError(f"--resume: no {out / common.CHECKPOINT}: there is no run to resume; start without --resume")
+    try:
+        ckpt = torch.load(out / common.CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a truncated, foreign or old (not mappable) file: read_resume says which
+        raise common.CheckpointError(f"{out / common.CHECKPOINT}: not a readable checkpoint ({e})") from e
+    if "adapter" not in ckpt:  # the older single-file format: read_resume refuses it
+        return
+    unset = object()  # parsed again into a namespace that holds every flag: argparse sets only those given
+    given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
+             if v is not unset}
+    stored = {**ckpt["config"], "data": common.run_data(ckpt)}
+    for k, v in stored.items():
+        if k in vars(args) and k not in given and k not in common.RUN_ONLY:
+            setattr(args, k, v)
 
 
 # ----------------------------------------------------------------------------- building the run
@@ -129,7 +227,7 @@ def get_args(argv=None):
 def adapter_kwargs(args):
     """teamlora.add_adapters' keyword arguments from the flags (no router flag: add_adapters picks)."""
     kwargs = dict(method=args.method, rank=args.rank, experts=args.experts, alpha=args.alpha,
-                  dropout=args.dropout, targets=args.targets)
+                  dropout=args.dropout, targets=model_targets(args.targets))
     if args.router:
         kwargs["router"] = args.router
     return kwargs
@@ -162,14 +260,33 @@ def build(args, device):
     tok, config = common.check_base(base)
     with torch.device("meta"):  # the adapter flags tried on a model without storage
         attach(Transformer(config), args)
-    dtype = torch.bfloat16 if use_bf16(args, device) and device.type == "cuda" else torch.float32  # CPUs: float32
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    model.gradient_checkpointing = args.grad_checkpoint
-    if args.method == "full":
-        model.float()  # full fine-tuning keeps float32 master weights
+    # A frozen base in bf16 on GPUs (CPUs: float32); full fine-tuning keeps float32 master weights,
+    # cast from the checkpoint's own dtype (an fp16 or fp32 base loses no bits on the way).
+    bf16 = use_bf16(args, device) and device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 and args.method != "full" else torch.float32
     torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
-    adapter = attach(model, args)
-    return base.resolve(), tok, model.to(device), adapter, train, test
+    if not args.quantize and use_fsdp(args, config, device):  # a quantized base: DDP (get_args refuses --fsdp)
+        model, adapter = sharding.build(base, config, lambda m: attach(m, args), device, dtype,
+                                        torch.bfloat16 if bf16 and args.method == "full" else None)
+    else:
+        model = common.load_base(base, dtype, device, args.quantize)
+        adapter = attach(model, args)
+    model.gradient_checkpointing = args.grad_checkpoint
+    return base.resolve(), tok, model, adapter, train, test
+
+
+def use_fsdp(args, config, device):
+    """--fsdp as given; by default under torchrun on GPUs when DDP's copy of the model would take
+    over 60% of a GPU. Per parameter, DDP holds: a frozen base 2 bytes (bf16); --method full 4
+    (float32 weight) + 4 (gradient) + 4 (DDP's bucket) + 8 (AdamW moments) + 2 (autocast's copy)."""
+    if args.fsdp is not None or not dist.is_initialized() or device.type != "cuda":
+        return bool(args.fsdp) and dist.is_initialized()
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(config).parameters())
+    need, have = n * (22 if args.method == "full" else 2), torch.cuda.get_device_properties(device).total_memory
+    if need > 0.6 * have and common.is_main():
+        print(f"--fsdp chosen: DDP would hold {need / 2**30:.0f} GiB of a {have / 2**30:.0f} GiB GPU (--no-fsdp: DDP)")
+    return need > 0.6 * have
 
 
 def use_bf16(args, device):
@@ -224,11 +341,24 @@ def advance(position, n, epoch_size, world):
         epoch, offset, n = epoch + 1, 0, n - left
 
 
-def batches(ds, indices, tok, batch_size, device):
-    """Micro-batches of exactly batch_size examples from an index stream (one may span two epochs)."""
+def batches(ds, indices, tok, batch_size, device, bucket=1):
+    """Micro-batches of exactly batch_size examples from an index stream (one may span two epochs).
+    bucket: lengths are padded up to a multiple of it (at most to the longest example), for --compile."""
+    longest = max(len(x) for x, _ in ds.items)
     while True:
         chunk = [next(indices) for _ in range(batch_size)]
-        yield {k: v.to(device) for k, v in data.collate([ds[i] for i in chunk], tok.pad_id).items()}
+        batch = pad_length(data.collate([ds[i] for i in chunk], tok.pad_id), bucket, longest, tok.pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def pad_length(batch, bucket, longest, pad_id):
+    """The batch right-padded as collate pads (pad_id, IGNORE, mask false) to the next multiple of
+    bucket tokens, at most `longest`: a compiled block then meets a few lengths, not every one."""
+    T = batch["tokens"].shape[1]
+    extra = min(-(-T // bucket) * bucket, max(T, longest)) - T
+    fill = {"tokens": pad_id, "targets": data.IGNORE, "mask": False}
+    return {k: torch.cat([v, v.new_full((len(v), extra), fill[k])], 1) if k in fill and extra else v
+            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -238,6 +368,9 @@ def check_out(args):
     out = Path(args.out)
     held = [f for f in (common.CHECKPOINT, "log.jsonl") if (out / f).exists()]
     if held and not (args.resume or args.overwrite):
+        if common.CHECKPOINT not in held:
+            raise UserError(f"--out {out} holds a run that stopped before its first checkpoint (log.jsonl only): "
+                            "--overwrite starts it again (--resume has nothing to continue)")
         raise UserError(f"--out {out} holds a run already ({', '.join(held)}): --resume continues it, "
                         "--overwrite replaces it")
 
@@ -259,7 +392,7 @@ def read_resume(args, world):
     ckpt = common.read_checkpoint(out)
     if ckpt.get("legacy"):
         raise UserError(f"--resume: {out} was written by an older train.py; eval.py reads it, resuming needs a new run")
-    now, then = vars(args), ckpt["config"]
+    now, then = vars(args), as_stored(ckpt, vars(args))
     was, will = layout(len(ckpt["rng"]), then), layout(world, now)
     split = ("batch_size", "grad_accum") if was[1] == will[1] else ()  # the global batch holds: its split may change
     changed = [f"--{k.replace('_', '-')} {then.get(k)} (now {now[k]})" for k in now
@@ -276,6 +409,19 @@ def read_resume(args, world):
     return ckpt
 
 
+def as_stored(ckpt, now):
+    """The run's stored flags, with --base and --data as this command gives them where they name
+    the stored place another way (a relative path from elsewhere), and --base as given when the
+    stored base directory is gone (the base moved: the command says where it is now)."""
+    then = dict(ckpt["config"])
+    for flag, path in (("base", ckpt.get("base_path")), ("data", ckpt.get("data_path"))):
+        given = now[flag]
+        if given and path and given != then.get(flag) and \
+                (Path(given).resolve() == Path(path) or (flag == "base" and not Path(path).is_dir())):
+            then[flag] = given
+    return then
+
+
 def layout(world, config):
     """(what it says, global batch): how a step's examples are split into processes and micro-steps."""
     b, a = config["batch_size"], config["grad_accum"]
@@ -283,12 +429,16 @@ def layout(world, config):
 
 
 def restore(ckpt, model, adapter, opt, sched, epoch_size):
-    """Trained tensors, optimizer and scheduler from a checkpoint; returns its progress."""
-    if adapter is None:
+    """Trained tensors, optimizer and scheduler from a checkpoint (under FSDP each rank keeps its
+    shard of them); returns its progress."""
+    sharded = sharding.is_sharded(model)
+    if sharded:
+        sharding.load_full(model, ckpt["tensors"])  # a tied output layer is stored once, as its embedding
+    elif adapter is None:
         model.load_state_dict(ckpt["tensors"], strict=False)  # a tied output layer is stored once
     else:
         teamlora.load_adapter_state_dict(model, ckpt["tensors"])
-    opt.load_state_dict(ckpt["optimizer"])
+    opt.load_state_dict(sharding.shard_optimizer(ckpt["optimizer"], opt) if sharded else ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     return {**{k: ckpt[k] for k in ("step", "train_time", "tokens", "loss")}, "skipped": ckpt.get("skipped", 0),
             "data": data_position(ckpt, epoch_size)}
@@ -326,10 +476,16 @@ def save(model, adapter, base, opt, sched, progress, args, device):
         dist.all_gather(parts, flat)
         sizes = [v.numel() for v in rng.values()]
         rngs = [dict(zip(rng, p.cpu().split(sizes))) for p in parts]
-    if common.is_main():
-        state = {"config": vars(args), "adapter": adapter, "base_path": str(base), **progress,  # data: where step+1 starts
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}
-        common.save_checkpoint(args.out, common.trained_tensors(model, adapter), state)
+    main = common.is_main()
+    tensors, optimizer = None, None
+    if sharding.is_sharded(model):  # every rank hands in its shards; rank 0 gets the full tensors
+        tensors = sharding.gather(common.trained_tensors(model, adapter), main)
+        optimizer = sharding.gather_optimizer(opt, main)
+    if main:
+        state = {"config": vars(args), "adapter": adapter, "base_path": str(base), "data_path": data_path(args),
+                 **progress,  # data: where step+1 starts
+                 "optimizer": optimizer or opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}
+        common.save_checkpoint(args.out, tensors or common.trained_tensors(model, adapter), state)
 
 
 # ----------------------------------------------------------------------------- the step's bookkeeping
@@ -454,6 +610,43 @@ def resume_command(argv, world):
 # ----------------------------------------------------------------------------- the run
 
 
+def balance_loss(model, batch, coefficient, device):
+    """The load-balancing term of the last forward over the batch's real tokens; at --balance 0 it is
+    not computed at all (its boolean indexing costs a device-to-host sync per routed layer)."""
+    if coefficient == 0:
+        return torch.zeros((), device=device)
+    return teamlora.adapter_aux_loss(model, mask=batch["mask"]).to(device)
+
+
+def wrap(model, args, device):
+    """The module the loop calls: --compile compiles each block in place (the names in checkpoints
+    stay; the root's data-dependent answer-position gather stays eager), then DDP under torchrun
+    unless the model is sharded (FSDP's units are its blocks already)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (--method full's, the router's) in TF32
+    elif use_bf16(args, device) and not cpu_has_bf16() and common.is_main():
+        print("note: this CPU has no bf16 instructions (avx512_bf16 / amx_bf16): --dtype bfloat16 runs "
+              "~15x slower than float32 here (a SmolLM2 step: ~70 s against ~4 s); use float32 on this machine")
+    if args.compile:
+        for block in model.layers:
+            block.compile()
+    if not dist.is_initialized() or sharding.is_sharded(model):
+        return model
+    # Every rank reads the same base and draws the same adapters (seeded), so nothing is broadcast at
+    # start (init_sync), nor the buffers (RoPE tables, TeamLoRA's expand) at every forward.
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, init_sync=False, **{quiet: False})
+
+
+def cpu_has_bf16():
+    """True when the CPU computes bf16 natively (x86: AVX512-BF16 or AMX; Arm: the bf16 extension)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no way to tell, so no note
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def train(args, rank, world, device):
     """The run, from building the model to the final evaluation (main sets up the processes)."""
     master = rank == 0  # the process that logs and writes
@@ -469,6 +662,8 @@ def train(args, rank, world, device):
     progress = dict(step=0, train_time=0.0, tokens=0, loss=None, skipped=0, data=START)
     if resume:
         progress = restore(resume, model, adapter, opt, sched, len(sampler))
+    seed_dropout(args, rank, world, resume, device)  # here: neither wrap (DDP, compile) nor logging draws numbers
+    resume = None  # the checkpoint's dict goes: its tensors now live in the model and optimizer
     report = teamlora.parameter_report(model)
     log = None
     if master:
@@ -477,15 +672,12 @@ def train(args, rank, world, device):
             clear_out(out)
         print_config(args, world, steps, report, ds.tasks, len(train_set), len(test_set))
         log = open_log(out, progress["step"])
-    raw = model  # checkpoints and evaluation use the unwrapped, uncompiled module
-    if args.compile:
-        model = torch.compile(model)
-    ddp = dist.is_initialized()
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    seed_dropout(args, rank, world, resume, device)
+    raw = model  # checkpoints and the balance term use the module without its DDP wrapper
+    model = wrap(model, args, device)
+    ddp = isinstance(model, DDP)  # FSDP reduce-scatters at every micro-step: its gradients stay sharded
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(args, device) else nullcontext()
-    stream = batches(ds, example_stream(sampler, progress["data"], rank, world), tok, args.batch_size, device)
+    stream = batches(ds, example_stream(sampler, progress["data"], rank, world), tok, args.batch_size, device,
+                     64 if args.compile else 1)
     if progress["step"] >= steps and master:
         print(f"{out} finished its {steps} steps already; nothing to train")
     with tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True) as bar:
@@ -504,12 +696,12 @@ def train(args, rank, world, device):
                     model.require_backward_grad_sync = i == args.grad_accum - 1
                 with autocast:
                     losses = token_losses(model, b)  # (B, T)
-                aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over real tokens
+                aux = balance_loss(raw, b, args.balance, device)  # balance, over real tokens
                 loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
                 loss.backward()
                 sums += task_sums(b, losses.detach(), len(ds.tasks))
                 aux_sum += aux.detach() / args.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf"))
+            grad_norm = sharding.plain(torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf")))
             totals = step_totals(sums, aux_sum, micro, grad_norm, world, device)  # the step's one collective
             if check_finite(totals, progress, args, ds.tasks):  # else skipped (--skip-nonfinite), or Diverged
                 opt.step()
@@ -527,8 +719,9 @@ def train(args, rank, world, device):
     if master:
         log.close()
         write_summary(out, args, adapter, base, report, progress, steps)
+    del model, raw, params, opt, sched  # the training state goes before the evaluation's model comes
     if not args.no_eval:
-        final_eval(raw, tok, train_set, test_set, args, report, progress)
+        final_eval(base, tok, train_set, test_set, args, report, progress, device)
 
 
 def print_config(args, world, steps, report, tasks, n_train, n_test):
@@ -541,22 +734,34 @@ def print_config(args, world, steps, report, tasks, n_train, n_test):
           f"({report['trainable_pct']:.3f}%; router {report['router']:,})")
 
 
+def data_path(args):
+    """The mixture's absolute path, stored beside --data as given (None: the built-in mixture)."""
+    return str(Path(args.data).resolve()) if args.data else None
+
+
 def write_summary(out, args, adapter, base, report, progress, steps):
     """summary.json: the run's config, cost and final loss (eval.py --compare reads it)."""
-    summary = {"config": vars(args), "adapter": adapter, "base_path": str(base), "trainable": report["trainable"],
+    summary = {"config": vars(args), "adapter": adapter, "base_path": str(base), "data_path": data_path(args),
+               "trainable": report["trainable"],
                "trainable_pct": report["trainable_pct"], "router_params": report["router"], "steps": steps,
                "train_time_s": progress["train_time"], "tokens": progress["tokens"],
                "tokens_per_s": progress["tokens"] / max(progress["train_time"], 1e-9), "final_loss": progress["loss"]}
     common.atomic_save(json.dumps(summary, indent=1), out / "summary.json")
 
 
-def final_eval(model, tok, train_set, test_set, args, report, progress):
-    """Score the test split (every rank scores its share, the majority baseline comes from the
-    training labels); rank 0 prints the tables and writes eval.json, predictions.jsonl, routing.png."""
+def final_eval(base, tok, train_set, test_set, args, report, progress, device):
+    """Score the test split as `eval.py --ckpt OUT` does: the run reloaded from OUT as eval.py loads
+    it (its dtype, no optimizer state or DDP/FSDP wrapper left), every rank its share, the majority
+    baseline from the training labels; rank 0 prints the tables and writes eval.json,
+    predictions.jsonl, routing.png."""
     if not test_set:
         if common.is_main():
             print(f"no test split in {args.data}: evaluation skipped")
         return
+    gc.collect()  # the training model's last references (DDP's reference cycle) go before the next one loads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model = evaluation.load_for_eval(common.read_checkpoint(args.out), base, device)
     predictions = []
     results = evaluation.evaluate(model, tok, test_set, args.seq_len, limit=args.eval_limit or None,
                                   majority=evaluation.majority_labels(train_set), predictions=predictions)

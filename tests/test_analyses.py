@@ -174,6 +174,9 @@ def test_eval_knockout_end_to_end_and_a_lora_refusal(run_dir, tmp_path, capsys):
     other = tmp_path / "ko"
     shutil.copytree(run, other)
     (other / "eval.json").write_text(json.dumps(result))
+    summary = json.loads((other / "summary.json").read_text())
+    summary["config"]["seed"] += 1  # another seed of the setup, not a copy of the run
+    (other / "summary.json").write_text(json.dumps(summary))
     table = ev.compare([str(run), str(other)])
     assert "top1_keeps%" in table.splitlines()[0]
     # a LoRA run is refused in one line before any weights load

@@ -201,3 +201,39 @@ def test_commands_export_and_generate(tmp_path):
     [new] = model.generate([tok.encode(prompt, bos=True, eos=False)], 6, eos_id=tok.eos_id)
     printed = run("eval.py", "--ckpt", str(out), "--prompt", prompt, "--max-new-tokens", "6")
     assert printed == prompt + tok.decode(new) + "\n"
+
+
+def test_export_reads_no_weight_of_the_base(tmp_path, monkeypatch):
+    """eval.py --export builds the base on the meta device: not one weight file is read, and the
+    files it writes are those of an export from the fully loaded run."""
+    import eval as evaluation
+    import model as model_py
+    import train
+
+    rng = random.Random(0)
+    with open(tmp_path / "mix.jsonl", "w") as f:
+        for _ in range(8):
+            words = rng.sample(WORDS, 4)
+            f.write(json.dumps({"task": "copy", "instruction": "Repeat the last word.", "input": " ".join(words),
+                                "output": words[-1]}) + "\n")
+    base_dir = tmp_path / "base"
+    data.train_tokenizer([" ".join(rng.sample(WORDS, 6)) for _ in range(200)]
+                         + ["### Instruction:\nRepeat the last word.\n\n### Input:\n\n\n### Response:\n"] * 20,
+                         base_dir / "tokenizer", vocab_size=300)
+    write_hf(tiny(vocab_size=load_tokenizer(base_dir).n_words), base_dir)
+    out = tmp_path / "run"
+    train.main(["--base", str(base_dir), "--data", str(tmp_path / "mix.jsonl"), "--out", str(out), "--method",
+                "teamlora", "--rank", "2", "--experts", "2", "--targets", "wq,w2", "--seq-len", "64", "--batch-size",
+                "4", "--max-steps", "1", "--lr", "1e-2", "--no-eval"])
+    export_adapters(common.load_run(out)[0], json.loads((out / "summary.json").read_text())["config"], tmp_path / "ref")
+
+    def refuse(file):
+        raise AssertionError(f"{file} was read")
+
+    monkeypatch.setattr(model_py, "_read", refuse)
+    evaluation.main(["--ckpt", str(out), "--export", str(tmp_path / "meta")])
+    ref, got = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ref", "meta"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert len(ref) == 2 * 2 * 4  # 2 layers x (wq, w2) x (lora_A, lora_B, the router's lora_gate and lora_M)
+    ref_config, got_config = ((tmp_path / d / "teamlora_config.json").read_text() for d in ("ref", "meta"))
+    assert ref_config == got_config
