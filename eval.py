@@ -20,7 +20,7 @@ counts are summed with all_reduce.
 OUT/predictions.jsonl (one line per test example: task, input, gold, predicted, score = the
 chosen choice's log-likelihood or the answer's ROUGE-L, correct) and, for routed methods with
 matplotlib installed, OUT/routing.png and OUT/routing_layers.png (+ OUT/interaction.png for shapley
-routers, analyses.py); train.py's final evaluation writes the same files but interaction.png.
+routers, analyses.py); train.py's final evaluation writes the same files.
 """
 import argparse
 import json
@@ -305,7 +305,8 @@ def _gather(items, world):
 @torch.no_grad()
 def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, limit=None, routing=True,
              majority=None, predictions=None):
-    """Scores per task, their average, the majority-class baseline and (routing=True) routing_by_task.
+    """Scores per task, their average, the majority-class baseline and (routing=True) routing_by_task
+    and, for shapley routers, analyses.interaction (eval.json's "interaction").
 
     limit: at most that many examples per task, the first ones. majority: {task: answer}, the
     baseline's answers (majority_labels of the training split); a task without one scores None.
@@ -359,6 +360,8 @@ def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, li
                    "majority": {"average": _mean(baseline.values()), "tasks": baseline, "answers": always},
                    "routing": routing_by_task(model, tok, [ex for t in tasks for ex in by_task[t]], seq_len,
                                               batch_size, routed) if routing else {}}
+        if routing and (interaction := analyses.interaction(model)):  # shapley routers: their matrices M
+            results["interaction"] = interaction
         if predictions is not None:
             predictions.extend(p for mine in my_predictions for p in _gather(mine, world))
     finally:
@@ -589,10 +592,9 @@ def compare(out_dirs):
 
 
 def analyze(model, tok, examples, seq_len, args, full):
-    """eval.json's analyses of the experts: "interaction" (shapley routers) and, with --knockout,
-    "knockout" (every variant scored as `full` was, without routing statistics)."""
-    interaction = analyses.interaction(model)  # {} without shapley routers
-    out = {"interaction": interaction} if interaction else {}
+    """With --knockout, eval.json's "knockout": every variant scored as `full` was, without routing
+    statistics (evaluate adds the other analyses, "interaction", itself)."""
+    out = {}
     if args.knockout:
         limit = args.limit or None
 
