@@ -52,6 +52,7 @@ import argparse
 import functools
 import gzip
 import io
+import itertools
 import json
 import os
 import random
@@ -72,6 +73,7 @@ CORPUS = Path(__file__).parent / "data" / "austen.txt.gz"
 IGNORE = -100  # target value that F.cross_entropy(ignore_index=-100) skips
 
 FIELDS = ("task", "instruction", "input", "output")
+OPTIONAL = ("choices", "answer")
 MAX_REPORTED = 20  # problems listed in one DataError; the rest are counted
 
 
@@ -90,7 +92,8 @@ class Example:
     input: str
     output: str
     choices: Optional[list[str]] = None
-    where: str = ""  # "path:line", for error messages
+    answer: Optional[str] = None  # the short answer inside a long output (LLM-Adapters' files), for evaluation
+    where: str = ""  # "path:line" (a JSON array's: "path:line: record i"), for error messages
 
 
 class _Problems:
@@ -112,13 +115,17 @@ class _Problems:
 
 # ----------------------------------------------------------------------------- reading
 
-def _example(obj, where: str) -> Example:
+def _example(obj, where: str, task: str) -> Example:
+    """One record as an Example; task: the task of a record without one (its file's)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in obj:
-        if key not in FIELDS + ("choices",):
-            raise DataError(f"{where}: unknown key {key!r} (allowed: {', '.join(FIELDS)}, choices)")
-    for key in FIELDS:
+        if key not in FIELDS + OPTIONAL:
+            raise DataError(f"{where}: unknown key {key!r} (allowed: {', '.join(FIELDS + OPTIONAL)})")
+    obj = {"task": task, **obj}
+    if isinstance(obj.get("answer"), (int, float)) and not isinstance(obj["answer"], bool):
+        obj["answer"] = str(obj["answer"])  # a math answer written as a number
+    for key in FIELDS + ("answer",) * ("answer" in obj):
         if key not in obj:
             raise DataError(f"{where}: missing field {key!r}")
         if not isinstance(obj[key], str):
@@ -138,40 +145,90 @@ def _example(obj, where: str) -> Example:
     return Example(**obj, where=where)
 
 
-def _read(path: Path, problems: _Problems) -> tuple[list[Example], set[str]]:
-    """The good examples of one file, and every task named on any of its lines (good or not);
-    each bad line is added to problems."""
-    examples, tasks, before = [], set(), problems.count
+def _lines(path: Path, raw: bytes, problems: _Problems) -> Iterator[tuple[object, str]]:
+    """(record, "path:line") of each non-blank line of a JSON Lines file; bad lines go to problems."""
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line.rstrip(b"\r")), f"{path}:{n}"
+        except json.JSONDecodeError as e:
+            problems.add(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})")
+        except UnicodeDecodeError as e:
+            problems.add(f"{path}:{n}: invalid JSON, not UTF-8 ({e})")
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
+NEWLINE, NEWLINE_STR = b"\n", "\n"  # (f-strings of Python 3.11 take no backslash)
+
+
+def _array(path: Path, raw: bytes, problems: _Problems) -> Iterator[tuple[object, str]]:
+    """(record, "path:line: record i") of each element of a JSON array file, line = where the
+    record starts. Bad JSON ends the file's records: its place is reported to problems."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        problems.add(f"{path}:{raw.count(NEWLINE, 0, e.start) + 1}: invalid JSON, not UTF-8 ({e})")
+        return
+    decoder, line, counted = json.JSONDecoder(), 1, 0
+    pos = _SPACE.match(text, _SPACE.match(text).end() + 1).end()  # after the opening "["
+    for i in itertools.count():
+        if i == 0 and text.startswith("]", pos):
+            break
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            problems.add(f"{path}:{e.lineno}: record {i}: invalid JSON ({e.msg} at column {e.colno})")
+            return
+        line, counted = line + text.count(NEWLINE_STR, counted, pos), pos  # counted once, however long the file
+        yield record, f"{path}:{line}: record {i}"
+        pos = _SPACE.match(text, end).end()
+        if text.startswith("]", pos):
+            break
+        if not text.startswith(",", pos):
+            problems.add(f"{path}:{line + text.count(NEWLINE_STR, counted, pos)}: after record {i}: expected ',' or ']'")
+            return
+        pos = _SPACE.match(text, pos + 1).end()
+    pos = _SPACE.match(text, pos + 1).end()
+    if pos < len(text):
+        problems.add(f"{path}:{line + text.count(NEWLINE_STR, counted, pos)}: text after the array's closing ']'")
+
+
+def _stem(path: Path) -> str:
+    """The file's name without .gz, .json or .jsonl: commonsense_170k.json.gz -> commonsense_170k."""
+    name = path.name.removesuffix(".gz")
+    return name.removesuffix(".jsonl").removesuffix(".json")
+
+
+def _read(path: Path, problems: _Problems, task: Optional[str] = None) -> tuple[list[Example], set[str]]:
+    """The good examples of one file, and every task named in any of its records (good or not);
+    each bad record is added to problems. A JSON array (the file starts with "[") or JSON Lines;
+    task: the task of records without one (default: the file's stem)."""
+    examples, tasks, before = [], {task or _stem(path)}, problems.count
     try:
         # Bytes, not text: a bad UTF-8 sequence is then reported on its own line like bad JSON.
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    obj = json.loads(raw.rstrip(b"\r\n"))
-                except json.JSONDecodeError as e:
-                    problems.add(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-                    continue
-                except UnicodeDecodeError as e:
-                    problems.add(f"{where}: invalid JSON, not UTF-8 ({e})")
-                    continue
-                if isinstance(obj, dict) and isinstance(obj.get("task"), str):
-                    tasks.add(obj["task"])
-                try:
-                    examples.append(_example(obj, where))
-                except DataError as e:
-                    problems.add(str(e))
+            raw = f.read()
     except (OSError, EOFError) as e:  # unreadable, not gzip, a gzip cut short
         problems.add(f"{path}: cannot read it ({e})")
+        return examples, tasks
+    # a .jsonl is JSON Lines; another name (.json) is an array when it starts with "[" (a .json of JSON Lines is common)
+    records = _array if _stem(path) + ".jsonl" != path.name.removesuffix(".gz") and raw.lstrip()[:1] == b"[" else _lines
+    for obj, where in records(path, raw, problems):
+        if isinstance(obj, dict) and isinstance(obj.get("task"), str):
+            tasks.add(obj["task"])
+        try:
+            examples.append(_example(obj, where, task or _stem(path)))
+        except DataError as e:
+            problems.add(str(e))
     if not examples and problems.count == before:
         problems.add(f"{path}: no examples (the file is empty)")
     return examples, tasks
 
 
 def read_jsonl(path) -> list[Example]:
-    """Read and check one .jsonl or .jsonl.gz file; all its bad lines are reported in one DataError."""
+    """Read and check one file, JSON Lines or a JSON array (either may be gzipped); all its bad
+    records are reported in one DataError."""
     problems = _Problems()
     examples, _ = _read(Path(path), problems)
     problems.check()
@@ -179,12 +236,13 @@ def read_jsonl(path) -> list[Example]:
 
 
 def _split_file(folder: Path, split: str) -> Path:
-    found = [p for p in (folder / f"{split}.jsonl", folder / f"{split}.jsonl.gz") if p.exists()]
+    names = [f"{split}{ext}{gz}" for ext in (".jsonl", ".json") for gz in ("", ".gz")]
+    found = [folder / n for n in names if (folder / n).exists()]
     if not found:
-        raise MissingDataError(f"{folder}: no {split}.jsonl (or {split}.jsonl.gz); a mixture "
-                               f"directory holds train.jsonl and test.jsonl")
+        raise MissingDataError(f"{folder}: no {split}.jsonl (or {split}.jsonl.gz, {split}.json, "
+                               f"{split}.json.gz); a mixture directory holds train.jsonl and test.jsonl")
     if len(found) > 1:
-        raise DataError(f"{folder}: both {split}.jsonl and {split}.jsonl.gz exist; keep one")
+        raise DataError(f"{folder}: both {found[0].name} and {found[1].name} exist; keep one")
     return found[0]
 
 
@@ -197,7 +255,8 @@ def load_mixture(path=None) -> tuple[list[Example], list[Example]]:
     problems = _Problems()
     if path.is_dir():
         files = _split_file(path, "train"), _split_file(path, "test")
-        (train, named), (test, _) = (_read(f, problems) for f in files)
+        # records without a task take the directory's name, the same in both splits
+        (train, named), (test, _) = (_read(f, problems, task=path.resolve().name) for f in files)
     else:
         (train, named), test = _read(path, problems), []
     first = {}  # task -> its first good training example, whose choices the task's examples share

@@ -109,7 +109,7 @@ def test_every_bad_line_is_reported(tmp_path):
         data.load_mixture(mix)
     assert str(err.value).splitlines() == [
         f"{train}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
-        f"{train}:3: unknown key 'ouput' (allowed: task, instruction, input, output, choices)",
+        f"{train}:3: unknown key 'ouput' (allowed: task, instruction, input, output, choices, answer)",
         f"{train}:6: field 'output' must be a string, got int",
         f"{test}:1: output 'perhaps' is not one of its choices ['yes', 'no']",
         f"{test}:4: expected a JSON object, got list",
