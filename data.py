@@ -9,30 +9,40 @@ temperature-based task sampling, and the tokenizer and text for pretraining a ti
     for i in range(0, len(order), batch_size):
         batch = data.collate([ds[j] for j in order[i:i + batch_size]], tok.pad_id)
 
-`python data.py [MIXTURE]` checks a mixture and prints its tasks and label counts.
+`python data.py [MIXTURE]` checks a mixture and prints what it read: files, tasks, label counts.
 
-The format: JSON Lines, one example per line (blank lines are skipped),
+The format: JSON Lines, one example per line (blank lines are skipped), or a JSON array of the
+same objects (a file that starts with "[", e.g. Alpaca's alpaca_data.json or LLM-Adapters'
+commonsense_170k.json, read as they are),
 
     {"task": "nli", "instruction": "Does the premise entail the hypothesis? ...",
      "input": "Premise: ... Hypothesis: ...", "output": "neutral",
      "choices": ["entailment", "neutral", "contradiction"]}
 
 task, instruction, input and output are strings (task and output not empty; input may be
-empty). choices is optional: a list of two or more distinct strings that contains output; it
+empty or left out). task is optional: a record without one takes its file's name (commonsense_170k for
+commonsense_170k.json.gz), or its directory's for a mixture directory's train and test files.
+choices is optional: a list of two or more distinct strings that contains output; it
 makes the example scorable by likelihood (each choice's answer tokens are scored, the best
 wins). A task with choices is a classification over one set of labels: every example of the
 task, in train and in test, has the same choices (in any order), and a task has choices on
 all of its examples or on none. For multiple-choice questions put each question's options in
-the input and make the choices their labels ("A", "B", ...). Any other key is an error, so a
-misspelt "ouput" cannot silently drop data.
+the input and make the choices their labels ("A", "B", ...). answer is optional: the short
+answer inside a long output (LLM-Adapters' "the correct answer is true" has answer "true"; a
+number is taken as its text), kept on the Example for evaluation; training learns output. Any
+other key is an error, so a misspelt "ouput" cannot silently drop data.
 
-A mixture is either a directory holding train.jsonl and test.jsonl (either may be gzipped,
-train.jsonl.gz), or a single .jsonl (.jsonl.gz) file: all of it is training data and the test
-split is empty. Every task in test must have training examples. Every problem is reported at
-once, in one DataError, a line each naming the file and line (the first 20, then how many more):
+A mixture is either a directory holding train.jsonl and test.jsonl (or .json; either may be
+gzipped, train.jsonl.gz), or a single file (.jsonl, .json, gzipped or not): all of it is
+training data and the test split is empty. Every task in test must have training examples.
+Every problem is reported at once, in one DataError, a line each naming the file and line (in
+an array: the line where the record starts, and its index; the first 20, then how many more):
 
     my_mix/train.jsonl:3: missing field 'output'
     my_mix/test.jsonl:41: task 'spam' has choices ['spam', 'junk'], but my_mix/train.jsonl:1 has ['spam', 'ham']
+    alpaca_data.json:1207: record 241: unknown key 'ouput' (allowed: task, instruction, input, output, choices, answer)
+
+Bad JSON inside an array ends what can be read of that file (the records before it are checked).
 
 The prompt (prompt_text) is fixed; the Input block is left out when input is empty:
 
@@ -122,7 +132,7 @@ def _example(obj, where: str, task: str) -> Example:
     for key in obj:
         if key not in FIELDS + OPTIONAL:
             raise DataError(f"{where}: unknown key {key!r} (allowed: {', '.join(FIELDS + OPTIONAL)})")
-    obj = {"task": task, **obj}
+    obj = {"task": task, "input": "", **obj}  # Alpaca-style files often leave an empty input out
     if isinstance(obj.get("answer"), (int, float)) and not isinstance(obj["answer"], bool):
         obj["answer"] = str(obj["answer"])  # a math answer written as a number
     for key in FIELDS + ("answer",) * ("answer" in obj):
@@ -592,21 +602,30 @@ def tiny_base(steps: int = 700, device="cpu") -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Check a task mixture (every bad line is reported) and print its tasks and label counts.",
-        epilog='one example per line: {"task": ..., "instruction": ..., "input": ..., "output": ..., '
-               '"choices": [...]} (choices optional); the full format is in data.py\'s docstring')
+        description="Check a task mixture (every bad record is reported) and print what was read: its files, "
+                    "tasks and label counts (answers, where records have them).",
+        epilog='one example per line (JSON Lines) or per element (a JSON array): {"task": ..., "instruction": ..., '
+               '"input": ..., "output": ..., "choices": [...], "answer": ...} (task, choices, answer optional); '
+               'the full format is in data.py\'s docstring')
     p.add_argument("mixture", nargs="?", default=None,
-                   help="a mixture directory (train.jsonl, test.jsonl) or one .jsonl file "
-                        "(default: the built-in mixture, data/minicme)")
+                   help="a mixture directory (train.jsonl, test.jsonl) or one file: .jsonl, or a .json array "
+                        "(Alpaca, LLM-Adapters), gzipped or not (default: the built-in mixture, data/minicme)")
     args = p.parse_args(argv)
     train, test = load_mixture(args.mixture)
+    for name, split in (("train", train), ("test", test)):
+        # where: "path:line" or "path:line: record i"
+        read = Counter((ex.where.split(": record ")[0].rpartition(":")[0], ": record " in ex.where) for ex in split)
+        for (file, array), n in read.items():
+            print(f"{name}: {n} examples from {file} ({'a JSON array' if array else 'JSON Lines'})")
     print(f"{len(train)} train / {len(test)} test examples")
     for task in sorted({ex.task for ex in train}):
         for name, split in (("train", train), ("test", test)):
-            labels = Counter(ex.output for ex in split if ex.task == task)
+            mine = [ex for ex in split if ex.task == task]
+            labels = Counter(ex.output if ex.answer is None else ex.answer for ex in mine)
             if labels:
                 top = ", ".join(f"{k} {v}" for k, v in labels.most_common(4))
-                more = f" (+{len(labels) - 4} more outputs)" if len(labels) > 4 else ""
+                what = "answers" if any(ex.answer is not None for ex in mine) else "outputs"
+                more = f" (+{len(labels) - 4} more {what})" if len(labels) > 4 else ""
                 print(f"{task:>12} {name:>5} {sum(labels.values()):6d}: {top}{more}")
 
 
