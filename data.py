@@ -196,7 +196,8 @@ def _array(path: Path, raw: bytes, problems: _Problems) -> Iterator[tuple[object
         if text.startswith("]", pos):
             break
         if not text.startswith(",", pos):
-            problems.add(f"{path}:{line + text.count(NEWLINE_STR, counted, pos)}: after record {i}: expected ',' or ']'")
+            where = f"{path}:{line + text.count(NEWLINE_STR, counted, pos)}"
+            problems.add(f"{where}: after record {i}: expected ',' or ']'")
             return
         pos = _SPACE.match(text, pos + 1).end()
     pos = _SPACE.match(text, pos + 1).end()

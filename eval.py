@@ -602,6 +602,8 @@ def main(argv=None):
         p.error("one of --ckpt OUT, --compare OUT... or --base BASE --harness TASKS is needed")
     if (args.harness_include or args.num_fewshot is not None) and not args.harness:
         p.error("--harness-include and --num-fewshot go with --harness")
+    if args.harness and (args.compare or args.export or args.data):
+        p.error("--harness runs lm-eval's tasks: it does not go with --compare, --export or --data")
     if args.harness:
         return run_harness(args)
     if args.export:

@@ -73,7 +73,8 @@ class ProjectLM(LM):
             ids = [self.tok.bos_id] + ctx + cont
             # routing counts a context once, then the continuation's inputs; lm-eval pads a short
             # rank's shard with copies of one request, which count nothing
-            count_from = len(ids) if id(req) in seen else len(ids) - len(cont) if (req.task_name, context) in seen else 0
+            count_from = (len(ids) if id(req) in seen else len(ids) - len(cont) if (req.task_name, context) in seen
+                          else 0)
             seen |= {id(req), (req.task_name, context)}
             rows.append(self._row(ids, len(cont), req.task_name, count_from))
         return self._score(rows)
@@ -85,8 +86,9 @@ class ProjectLM(LM):
             for ctx, pred in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
                     ids, self.tok.bos_id, self.max_length, context_len=1)):
                 # routing counts the inputs that predict the window's tokens: each input once
-                ids = ctx + pred
-                rows.append(self._row(ids, len(pred), req.task_name, len(ids) if id(req) in seen else len(ctx) - 1))
+                window = ctx + pred
+                rows.append(self._row(window, len(pred), req.task_name,
+                                      len(window) if id(req) in seen else len(ctx) - 1))
                 owner.append(i)
             seen.add(id(req))
         total = [0.0] * len(requests)
@@ -155,7 +157,8 @@ class ProjectLM(LM):
                 captured.clear()
                 nll = self.model(batch["tokens"].to(self._device), targets, reduction="none")  # (B, T)
                 keep = targets != IGNORE
-                missed = torch.zeros_like(nll).index_put((keep,), (captured[-1].argmax(-1) != targets[keep]).to(nll.dtype))
+                wrong = (captured[-1].argmax(-1) != targets[keep]).to(nll.dtype)  # (N,) a scored token not the argmax
+                missed = torch.zeros_like(nll).index_put((keep,), wrong)  # (B, T)
                 self._route([rows[i][2] for i in chunk], batch["mask"] & (torch.arange(keep.shape[1]) >=
                             torch.tensor([rows[i][3] for i in chunk])[:, None]))
                 for i, logp, greedy in zip(chunk, (-nll.sum(1)).tolist(), (missed.sum(1) == 0).tolist()):

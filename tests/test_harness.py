@@ -224,5 +224,7 @@ def test_missing_lm_eval_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "harness", None)  # `import harness` now raises ImportError
     with pytest.raises(common.UserError, match="pip install lm-eval"):
         ev.main(["--base", str(tmp_path), "--harness", "boolq"])
-    with pytest.raises(SystemExit):
-        ev.main(["--harness", "boolq"])  # neither --ckpt nor --base: a usage error
+    for argv in (["--harness", "boolq"],  # neither --ckpt nor --base: usage errors
+                 ["--compare", str(tmp_path), "--harness", "boolq"], ["--ckpt", str(tmp_path), "--num-fewshot", "5"]):
+        with pytest.raises(SystemExit):
+            ev.main(argv)
