@@ -16,11 +16,22 @@ A train.py output directory OUT holds (save_checkpoint and read_checkpoint, side
                                       "base" keeps it as the user gave it: a Hub id, a relative path)
                            step, train_time, tokens, loss   progress: steps, seconds, input
                                       tokens of all ranks, the last step's loss
-                           optimizer, scheduler, rng (one dict per rank), data {"examples_seen"}
+                           skipped    steps skipped for a non-finite loss (--skip-nonfinite)
+                           optimizer, scheduler, rng (one dict per rank; a resume onto another
+                                      number of ranks starts new dropout streams)
+                           data       {"epoch", "offset", "examples_seen"}: where all ranks
+                                      together stand in the global stream of examples (train.py's
+                                      example_stream), so any number of ranks can continue it
+
+Exit statuses (cli): 0 done; 1 a bug (its traceback); 2 a user's error; and a run that stopped
+itself, one line saying why: 3 stopped on SIGTERM/SIGUSR1 with a checkpoint of the step it
+finished (--resume continues); 4 a non-finite loss or gradient norm (nothing of that step applied);
+5 another rank died or did not answer within --timeout; 6 a file could not be written.
 """
 import gc
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
@@ -28,10 +39,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import data
 import teamlora
 from data import DataError
 from model import CheckpointError, Transformer, checkpoint_args, load_tokenizer, resolve_base
@@ -41,8 +51,8 @@ ADAPTERS, CHECKPOINT = "adapters.safetensors", "checkpoint.pt"
 OUTPUTS = (ADAPTERS, CHECKPOINT, "log.jsonl", "summary.json", "eval.json", "predictions.jsonl", "routing.png")
 # train.py flags that say how a run is carried out, not what it computes: a resume may change
 # them, and eval.py --compare ignores them (and the seed) when it groups runs into one setup.
-RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "grad_checkpoint", "save_every", "eval_limit",
-            "no_eval", "timeout")
+RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "fsdp", "grad_checkpoint", "save_every", "eval_limit",
+            "no_eval", "timeout", "skip_nonfinite")
 
 # ----------------------------------------------------------------------------- user errors
 
@@ -55,13 +65,40 @@ class UserError(ValueError):
 USER_ERRORS = (UserError, DataError, CheckpointError, FileNotFoundError)
 
 
+class Stop(Exception):
+    """A run that stopped itself: its message is the one line printed, status the exit status."""
+    status = 1
+    once = False  # True: every rank stops alike (decided through a collective), rank 0 alone says so
+
+
+class Preempted(Stop):
+    status, once = 3, True
+
+
+class Diverged(Stop):
+    status, once = 4, True
+
+
+class RankLost(Stop):
+    status = 5
+
+
+class WriteFailed(Stop):
+    status = 6
+
+
 def cli(main, argv=None):
-    """Run main(argv); a user error prints `error: <message>` on one line and exits with status 2."""
+    """Run main(argv); a user error prints `error: <message>` on one line and exits with status 2,
+    a Stop prints its line and exits with its status (the module docstring lists them)."""
     try:
         return main(argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stop as e:
+        if not e.once or os.environ.get("RANK", "0") == "0":  # the process group is gone by now
+            print(e, file=sys.stderr)
+        sys.exit(e.status)
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -81,10 +118,12 @@ def distributed(device=None, timeout_min=30.0):
         yield 0, 1, default_device(device)
         return
     dev = torch.device("cpu")
+    bound = {}
     if default_device(device).type == "cuda":
         dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
+        bound = {"device_id": dev}  # binds nccl to this GPU now, so its first barrier cannot land on GPU 0
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min), **bound)
     try:
         yield dist.get_rank(), dist.get_world_size(), dev
     finally:
@@ -92,6 +131,28 @@ def distributed(device=None, timeout_min=30.0):
         # some processes abort at exit ("terminate called without an active exception").
         gc.collect()
         dist.destroy_process_group()
+
+
+# A scheduler asks a job to stop before it kills it: SLURM sends SIGTERM and, after a grace
+# period, SIGKILL; --signal=USR1@T sends SIGUSR1 T seconds before the time limit.
+STOP_SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s)]  # no SIGUSR1 on Windows
+stop_signal = []  # the stop signals this process received; train.py's loop acts on them
+
+
+def on_stop_signal(signum, frame):
+    """Only records the signal; train.py stops at its next step boundary. Nothing else runs here,
+    so a second signal, during the checkpoint's write, cannot interrupt that write."""
+    stop_signal.append(signal.Signals(signum).name)
+
+
+def catch_stop_signals():
+    """From now on, for the rest of the process, SIGTERM and SIGUSR1 ask the run to stop (a
+    scheduler's warning before SIGKILL) instead of killing it: also while it exits, so that a
+    launcher tearing the ranks down does not turn a run's exit status into 143."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_stop_signal)
+        if hasattr(signal, "siginterrupt"):
+            signal.siginterrupt(s, False)  # a read or write under way goes on instead of failing (EINTR)
 
 
 def is_main():
@@ -102,6 +163,12 @@ def is_main():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def collective_failed(e):
+    """Whether e is what a collective raises when another rank died or did not answer in time:
+    torch's DistError, or the plain RuntimeError that gloo raises, naming itself."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))
 
 
 def all_reduce(t, device):
@@ -118,22 +185,44 @@ def all_reduce(t, device):
 
 def _write_tmp(obj, path, metadata=None):
     """Write obj next to path under a temporary name: text (a str), a safetensors file (path ends
-    in .safetensors: a dict of tensors) or any torch object. Returns the temporary path."""
+    in .safetensors: a dict of tensors) or any torch object. Returns the temporary path; a write
+    that fails (no space, no permission) removes it and raises WriteFailed naming path."""
     tmp = path.with_name(path.name + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    elif path.suffix == ".safetensors":
-        save_file(obj, tmp, metadata)
-    else:
-        torch.save(obj, tmp)
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        elif path.suffix == ".safetensors":
+            save_file(obj, tmp, metadata)
+        else:
+            with open(tmp, "wb") as f:  # through Python's file, a failed write names its cause (ENOSPC...)
+                torch.save(obj, f)
+    except (OSError, RuntimeError, SafetensorError) as e:  # RuntimeError: torch's own writer
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, e) from e
     return tmp
+
+
+def _rename(tmp, path):
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_failed(path, e) from e
+
+
+def write_failed(path, e):
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return WriteFailed(f"error: cannot write {path}: {reason}; nothing in {path.parent} is half-written")
 
 
 def atomic_save(obj, path):
     """Write obj (see _write_tmp) under a temporary name, then rename: a crash mid-write never
     leaves a broken file, and a reader never sees half of one."""
     path = Path(path)
-    os.replace(_write_tmp(obj, path), path)
+    tmp = _write_tmp(obj, path)
+    try:
+        _rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after a rename; left behind by a failed one
 
 
 # ----------------------------------------------------------------------------- the checkpoint format
@@ -155,14 +244,22 @@ def save_checkpoint(out, tensors, state):
     temporary names before either is renamed; read_checkpoint mends a crash between the renames."""
     out = Path(out)
     meta = {"step": str(state["step"]), "adapter": json.dumps(state["adapter"])}
-    tmp_tensors, tmp_state = _write_tmp(tensors, out / ADAPTERS, meta), _write_tmp(state, out / CHECKPOINT)
-    os.replace(tmp_tensors, out / ADAPTERS)
-    os.replace(tmp_state, out / CHECKPOINT)
+    tmp_tensors = _write_tmp(tensors, out / ADAPTERS, meta)
+    try:
+        tmp_state = _write_tmp(state, out / CHECKPOINT)
+        _rename(tmp_tensors, out / ADAPTERS)
+    except BaseException:  # nothing renamed yet: the previous pair stays whole, without leftovers
+        tmp_tensors.unlink(missing_ok=True)
+        (out / (CHECKPOINT + ".tmp")).unlink(missing_ok=True)
+        raise
+    _rename(tmp_state, out / CHECKPOINT)  # if this one fails, read_checkpoint mends the pair from the .tmp
 
 
 def _torch_load(path):
+    """mmap: a tensor is read from the file when it is used, and pages the ranks of a node read are
+    shared, so no rank holds a private copy of a 7B run's optimizer state just to resume."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file
         raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
 
@@ -176,7 +273,7 @@ def read_checkpoint(out):
     ckpt = _torch_load(out / CHECKPOINT)
     if "adapter" not in ckpt:
         return _legacy(ckpt)
-    try:
+    try:  # safetensors maps the file: each tensor is a view of it, read when used
         with safe_open(str(out / ADAPTERS), framework="pt") as f:
             step, tensors = int(f.metadata()["step"]), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
@@ -201,10 +298,11 @@ def _legacy(ckpt):
     return {**ckpt, "adapter": adapter, "base_path": config["base"], "tensors": tensors, "legacy": True}
 
 
-def base_dir(name):
-    """The directory of a --base: the built-in tiny base for "tiny", else a checkpoint directory or
-    a Hub id fetched into the Hugging Face cache (model.resolve_base)."""
-    return data.TINY_BASE if name == "tiny" else resolve_base(name)
+def base_dir(name, pretrain_steps=700):
+    """The directory of a --base: a checkpoint directory, a Hub id fetched into the Hugging Face
+    cache, or for "tiny" the tiny base of pretrain_steps steps once built (model.resolve_base;
+    train.py builds it first with pretrain.py)."""
+    return resolve_base(name, pretrain_steps)
 
 
 def check_base(path):
@@ -221,11 +319,12 @@ def open_run(out_dir, base=None):
     it: a relative path from here, a Hub id fetched again."""
     ckpt = read_checkpoint(out_dir)
     path = Path(ckpt["base_path"])
+    steps = ckpt["config"].get("pretrain_steps", 700)  # which tiny base, for "tiny"
     if base:
-        path = base_dir(base)
+        path = base_dir(base, steps)
     elif not path.is_dir():  # moved, or trained on another machine
         try:
-            path = base_dir(ckpt["config"]["base"])
+            path = base_dir(ckpt["config"]["base"], steps)
         except CheckpointError as e:
             raise CheckpointError(f"{out_dir}: its base is gone ({e}); say where it is now with --base") from None
     return ckpt, path, check_base(path)[0]

@@ -1,5 +1,6 @@
 """Data for multi-task fine-tuning: reading a task mixture, the prompt template, loss masks,
-temperature-based task sampling, and the tokenizer and text for pretraining a tiny base.
+temperature-based task sampling, and training a SentencePiece tokenizer. One job: the way from a
+JSON Lines file to a batch of token ids (the tiny base's corpus and pretraining are in pretrain.py).
 
     import data
     train, test = data.load_mixture("my_mixture/")        # or load_mixture() for the built-in one
@@ -20,9 +21,9 @@ commonsense_170k.json, read as they are),
      "choices": ["entailment", "neutral", "contradiction"]}
 
 task, instruction, input and output are strings (task and output not empty; input may be
-empty or left out). task is optional: a record without one takes its file's name (commonsense_170k for
-commonsense_170k.json.gz), or its directory's for a mixture directory's train and test files.
-choices is optional: a list of two or more distinct strings that contains output; it
+empty or left out). task is optional: a record without one takes its file's name
+(commonsense_170k for commonsense_170k.json.gz), or its directory's for a mixture directory's
+train and test files. choices is optional: a list of two or more distinct strings that contains output; it
 makes the example scorable by likelihood (each choice's answer tokens are scored, the best
 wins). A task with choices is a classification over one set of labels: every example of the
 task, in train and in test, has the same choices (in any order), and a task has choices on
@@ -67,6 +68,7 @@ import json
 import os
 import random
 import re
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -79,7 +81,6 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch
 import torch  # noqa: E402
 
 BUILTIN = Path(__file__).parent / "data" / "minicme"
-CORPUS = Path(__file__).parent / "data" / "austen.txt.gz"
 IGNORE = -100  # target value that F.cross_entropy(ignore_index=-100) skips
 
 FIELDS = ("task", "instruction", "input", "output")
@@ -493,7 +494,7 @@ def task_proportions(indices: list[int], task_of: list[int]) -> dict[int, float]
     return {t: counts[t] / len(indices) for t in sorted(counts)}
 
 
-# ----------------------------------------------------------------------------- pretraining a tiny base
+# ----------------------------------------------------------------------------- training a tokenizer
 
 def train_tokenizer(texts: Iterable[str], path_prefix, vocab_size: int = 4096) -> Path:
     """Train a SentencePiece BPE model with LLaMA-like settings; returns "<path_prefix>.model"."""
@@ -517,86 +518,6 @@ def train_tokenizer(texts: Iterable[str], path_prefix, vocab_size: int = 4096) -
     tmp.write_bytes(proto.getvalue())
     os.replace(tmp, path)
     return path
-
-
-def pretraining_texts(train: list[Example]) -> Iterator[str]:
-    """The built-in corpus, then the mixture's unlabelled text, then each task's answer words.
-
-    Without the mixture's text the answer words never occur in pretraining and their (frozen,
-    tied) embeddings stay untrained. Outputs are left out: the base sees the answer words, but
-    never which input they answer.
-    """
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
-        for para in re.split(r"\n\s*\n", f.read()):
-            if para.strip():
-                yield " ".join(para.split())  # undo the plain-text edition's hard line wraps
-    for ex in train:
-        yield f"{ex.instruction}\n{ex.input}" if ex.input else ex.instruction
-    for _, choices in dict.fromkeys((ex.task, tuple(ex.choices)) for ex in train if ex.choices):
-        yield "Answers: " + ", ".join(choices)
-
-
-def lm_stream(tok, texts: Iterable[str]) -> torch.Tensor:
-    """All texts as one (N,) token stream, each wrapped in bos ... eos."""
-    ids = []
-    for text in texts:
-        ids += tok.encode(text, bos=True, eos=True)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def lm_batch(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
-    """Random windows of the stream: tokens (B, T) and targets (B, T), the next tokens."""
-    if len(stream) <= seq_len:
-        raise ValueError(f"the token stream has {len(stream)} tokens, need more than seq_len {seq_len}")
-    start = torch.randint(len(stream) - seq_len, (batch_size, 1), generator=generator)  # (B, 1)
-    idx = start + torch.arange(seq_len)  # (B, T)
-    return stream[idx], stream[idx + 1]
-
-
-# ----------------------------------------------------------------------------- the built-in tiny base
-
-TINY_BASE = Path(os.environ.get("TEAMLORA_CACHE", Path(__file__).parent / "cache")) / "tiny-base"
-# ~4.5M parameters; README says how it was chosen
-TINY = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=4096, hidden_dim=688, max_seq_len=512,
-            tie_embeddings=True)
-
-
-def tiny_base(steps: int = 700, device="cpu") -> Path:
-    """`--base tiny`: a SentencePiece tokenizer and a 4-layer LLaMA, every weight trained by
-    next-token loss on pretraining_texts() of the built-in mixture; built on first use and
-    cached in TINY_BASE. Returns that directory."""
-    if (TINY_BASE / "params.json").exists():
-        return TINY_BASE
-    import math
-    import time
-
-    from tqdm import tqdm
-
-    from model import ModelArgs, Transformer, load_tokenizer  # only the tiny base needs the model
-
-    t0 = time.time()
-    texts = list(pretraining_texts(load_mixture(None)[0]))
-    train_tokenizer(texts, TINY_BASE / "tokenizer", vocab_size=TINY["vocab_size"])
-    stream = lm_stream(load_tokenizer(TINY_BASE), texts)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(**TINY)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(0)
-    for step in (bar := tqdm(range(steps), desc="pretraining tiny base", dynamic_ncols=True)):
-        # peak 3e-3, linear warm-up over 50 steps, then cosine decay to 0
-        warm, cos = (step + 1) / 50, 0.5 * (1 + math.cos(math.pi * (max(0, step - 50) / max(1, steps - 50))))
-        for g in opt.param_groups:
-            g["lr"] = 3e-3 * min(warm, cos)
-        x, y = lm_batch(stream, 16, 128, gen)
-        loss = torch.nn.functional.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.save_pretrained(TINY_BASE)  # params.json last, so a crash leaves no half-built cache
-    print(f"tiny base: {stream.numel():,} tokens, final loss {loss.item():.3f}, {time.time() - t0:.0f} s -> {TINY_BASE}")
-    return TINY_BASE
 
 
 # ----------------------------------------------------------------------------- checking a mixture
@@ -631,6 +552,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import data  # the imported module, not __main__: its DataError is the one common.cli catches
-    from common import cli
-    cli(data.main)
+    try:  # common.cli's handling, without importing common.py (which imports this file)
+        main()
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,9 +1,11 @@
 """Evaluate a fine-tuned run on its mixture's test split: per-task scores, the majority-class
-baseline, and how the routed experts share the work of each task.
+baseline, and how the routed experts share the work of each task. Scoring, the tables and
+--compare are one job: eval.json is written, printed and read back by this file alone.
 
     python eval.py --ckpt runs/teamlora                   # prints the tables, writes eval.json and predictions
     torchrun --nproc_per_node 8 eval.py --ckpt runs/teamlora --data my_mix/
     python eval.py --compare runs/lora runs/teamlora      # one row per run
+    python eval.py --ckpt runs/teamlora --prompt "..."    # generate with the run's adapters instead
 
 A task with choices is scored by likelihood: every choice is appended to the prompt as the
 answer, and the one whose answer tokens + EOS are most probable wins (accuracy, macro-F1). A task
@@ -143,7 +145,6 @@ def choice_scores(model, tok, examples, seq_len, batch_size=32, routing=None):
     dict to fill with {task: _routing_sums over each example's prompt and gold answer}, the tokens
     routing_by_task looks at, so that evaluation needs no second forward.
     """
-    device = _device(model)
     layers = [name for name, layer in teamlora.adapter_layers(model) if layer.routed] if routing is not None else []
     key = lambda item: (examples[item[0]].task, len(item[1]))  # noqa: E731
     groups = []  # runs of one key, cut at batch_size choice rows
@@ -154,36 +155,43 @@ def choice_scores(model, tok, examples, seq_len, batch_size=32, routing=None):
         else:
             groups.append([item])
     scores = [None] * len(examples)
-    for group in tqdm(groups, desc="scoring choices", leave=False, disable=_rank_world()[0] != 0):
-        # one row per choice: (its example in the group, the choice's index, its answer ids + EOS)
-        rows = [(g, j, a) for g, (_, _, answers) in enumerate(group) for j, a in enumerate(answers)]
-        tokens = torch.full((len(rows), max(len(a) for _, _, a in rows)), tok.pad_id, dtype=torch.long)  # (R, C)
-        targets = torch.full_like(tokens, IGNORE)
-        for r, (g, _, a) in enumerate(rows):
-            tokens[r, :len(a)] = torch.tensor([group[g][1][-1]] + a[:-1])
-            targets[r, :len(a)] = torch.tensor(a)
-        prompts = torch.tensor([p[:-1] for _, p, _ in group], device=device)  # (G, L - 1)
-        task, start = examples[group[0][0]].task, prompts.shape[1]
-        model.setup_cache(len(rows), start + tokens.shape[1])
-        try:
-            if start > 0:  # targets all IGNORE: the prompts only fill the cache, no output layer runs
-                model(prompts, torch.full_like(prompts, IGNORE), reduction="none")
-                if layers:
-                    routing[task] = routing.get(task, 0) + _routing_sums(model, layers, None)
-            model.select_cache(torch.tensor([g for g, _, _ in rows], device=device))  # row r: its example's prompt
-            logp = -model(tokens.to(device), targets.to(device), reduction="none", start_pos=start).sum(1)  # (R,)
-        finally:
-            model.clear_cache()
-        if layers:  # the gold rows' inputs: the last prompt token and the answer (its EOS is only a target)
-            gold = torch.zeros(tokens.shape, dtype=torch.bool)
-            for r, (g, j, a) in enumerate(rows):
-                ex = examples[group[g][0]]
-                gold[r, :len(a)] = ex.choices[j] == ex.output
-            routing[task] = routing.get(task, 0) + _routing_sums(model, layers, gold)
-        logp, r = logp.tolist(), 0
-        for i, _, answers in group:
-            scores[i], r = logp[r:r + len(answers)], r + len(answers)
+    try:  # one KV cache for every group: grown to the largest group's rows x (prompt + longest choice)
+        for group in tqdm(groups, desc="scoring choices", leave=False, disable=_rank_world()[0] != 0):
+            _score_group(model, tok, examples, group, layers, routing, scores)
+    finally:
+        model.clear_cache()
     return scores
+
+
+def _score_group(model, tok, examples, group, layers, routing, scores):
+    """choice_scores for one group of examples sharing a prompt length: one prefill, one row per choice."""
+    device = _device(model)
+    # one row per choice: (its example in the group, the choice's index, its answer ids + EOS)
+    rows = [(g, j, a) for g, (_, _, answers) in enumerate(group) for j, a in enumerate(answers)]
+    tokens = torch.full((len(rows), max(len(a) for _, _, a in rows)), tok.pad_id, dtype=torch.long)  # (R, C)
+    targets = torch.full_like(tokens, IGNORE)
+    for r, (g, _, a) in enumerate(rows):
+        tokens[r, :len(a)] = torch.tensor([group[g][1][-1]] + a[:-1])
+        targets[r, :len(a)] = torch.tensor(a)
+    prompts = torch.tensor([p[:-1] for _, p, _ in group], device=device)  # (G, L - 1)
+    task, start = examples[group[0][0]].task, prompts.shape[1]
+    model.setup_cache(len(rows), start + tokens.shape[1])  # reused when large enough: no allocation
+    if start > 0:  # targets all IGNORE: the prompts only fill the cache, no output layer runs
+        model(prompts, torch.full_like(prompts, IGNORE), reduction="none")
+        if layers:
+            routing[task] = routing.get(task, 0) + _routing_sums(model, layers, None)
+    # row r continues its example's prompt: the prompt's positions copied, nothing past them
+    model.select_cache(torch.tensor([g for g, _, _ in rows], device=device), start)
+    logp = -model(tokens.to(device), targets.to(device), reduction="none", start_pos=start).sum(1)  # (R,)
+    if layers:  # the gold rows' inputs: the last prompt token and the answer (its EOS is only a target)
+        gold = torch.zeros(tokens.shape, dtype=torch.bool)
+        for r, (g, j, a) in enumerate(rows):
+            ex = examples[group[g][0]]
+            gold[r, :len(a)] = ex.choices[j] == ex.output
+        routing[task] = routing.get(task, 0) + _routing_sums(model, layers, gold)
+    logp, r = logp.tolist(), 0
+    for i, _, answers in group:
+        scores[i], r = logp[r:r + len(answers)], r + len(answers)
 
 
 @torch.no_grad()
@@ -541,14 +549,14 @@ def run_harness(args):
     except ImportError as e:
         raise UserError(f"--harness needs lm-evaluation-harness: pip install lm-eval ({e})") from None
     with common.distributed(args.device) as (rank, _, device):
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
         if args.ckpt:
             ckpt, base, tok = common.open_run(args.ckpt, args.base)
-            model = common.load_model(ckpt, base, device, dtype)
+            model = load_for_eval(ckpt, base, device)
             info = {"ckpt": str(args.ckpt), "method": ckpt["config"]["method"], "base": str(base)}
         else:
             base = common.base_dir(args.base)
             tok = common.check_base(base)[0]
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as load_for_eval's base
             model = Transformer.from_pretrained(base, dtype=dtype, device=device)
             info = {"ckpt": None, "method": None, "base": str(base)}
         layers = [name for name, layer in teamlora.adapter_layers(model) if layer.routed]
@@ -572,6 +580,21 @@ def run_harness(args):
 # ----------------------------------------------------------------------------- command line
 
 
+def load_for_eval(ckpt, base, device):
+    """A run's model as it is evaluated (here and in train.py's final evaluation): a bf16 base on
+    GPUs (float32 on CPUs), the trained tensors loaded into it (adapters stay float32 either way)."""
+    return common.load_model(ckpt, base, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def generate(out_dir, prompt, max_new_tokens=32, base=None, device=None):
+    """The prompt and its greedy continuation by a train.py run (its base with its adapters)."""
+    device = common.default_device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
+    model, tok, _ = common.load_run(out_dir, device, dtype, base=base)
+    [new] = model.generate([tok.encode(prompt, bos=True, eos=False)], max_new_tokens, eos_id=tok.eos_id)
+    return prompt + tok.decode(new)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group()
@@ -585,7 +608,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="at most N test examples per task; 0 = all, as train.py's "
                    "--eval-limit (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default: 32)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices, and "
+                   "for --prompt (default: 32)")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     p.add_argument("--harness", metavar="TASKS", help="instead of the mixture's test split, run lm-evaluation-harness "
                    "tasks (comma-separated, lm-eval's names: boolq,piqa,arc_easy,...) on the run's model, or with "
@@ -595,6 +619,9 @@ def main(argv=None):
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per lm-eval task (default: the task's own, else 0)")
     p.add_argument("--export", metavar="DIR", help="instead of evaluating, write the run's adapters for "
                    "Hugging Face models (LoRA: a PEFT directory; see export.py)")
+    p.add_argument("--prompt", help="instead of evaluating, print this text and its greedy continuation by the run "
+                   "(--ckpt); the text is the model's input as written (fine-tuned adapters expect the training "
+                   "prompt template, data.py)")
     args = p.parse_args(argv)
     if args.limit < 0:
         p.error("--limit cannot be negative")
@@ -602,16 +629,20 @@ def main(argv=None):
         p.error("one of --ckpt OUT, --compare OUT... or --base BASE --harness TASKS is needed")
     if (args.harness_include or args.num_fewshot is not None) and not args.harness:
         p.error("--harness-include and --num-fewshot go with --harness")
-    if args.harness and (args.compare or args.export or args.data):
-        p.error("--harness runs lm-eval's tasks: it does not go with --compare, --export or --data")
+    if args.harness and (args.compare or args.export or args.data or args.prompt is not None):
+        p.error("--harness runs lm-eval's tasks: it does not go with --compare, --export, --prompt or --data")
     if args.harness:
         return run_harness(args)
+    if args.prompt is not None:
+        if not args.ckpt or args.export:
+            p.error("--prompt needs --ckpt OUT, and no --export")
+        print(generate(args.ckpt, args.prompt, args.max_new_tokens, args.base, args.device))
+        return
     if args.export:
         if not args.ckpt:
             p.error("--export needs --ckpt OUT")
-        from export import export_adapters
-        model, _, config = common.load_run(args.ckpt, base=args.base)  # CPU, float32: the adapters as trained
-        export_adapters(model, config, args.export)
+        from export import export_adapters, load_adapters
+        export_adapters(*load_adapters(args.ckpt, base=args.base), args.export)  # the base's weights stay unread
         return
     if args.compare:
         print(compare(args.compare))
@@ -623,8 +654,7 @@ def main(argv=None):
         train, test = load_mixture(data)
         if not test:
             raise UserError(f"no test split in {data}: nothing to evaluate (--data names a mixture with one)")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # adapters stay float32 either way
-        model = common.load_model(ckpt, base, device, dtype)
+        model = load_for_eval(ckpt, base, device)
         predictions = []
         results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens,
                            args.limit or None, majority=majority_labels(train), predictions=predictions)

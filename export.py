@@ -24,13 +24,16 @@ its Hugging Face conversion (transformers' convert_llama_weights_to_hf.py), whic
 reordering to wq/wk.
 """
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+import common
 import teamlora
 from common import UserError
+from model import Transformer, checkpoint_args
 
 HF_MODULES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
@@ -66,8 +69,24 @@ def hf_adapter_state(model) -> dict:
     return out
 
 
+def load_adapters(out_dir, base=None):
+    """(model, config) of a train.py run for export: its adapters with their trained values on the
+    base built on the meta device. Export renames tensors, so not one weight of the base is read
+    (a 7B base is 28 GB in float32): only its config, for the shapes and head counts."""
+    ckpt, path, _ = common.open_run(out_dir, base)
+    with torch.device("meta"):
+        model = Transformer(checkpoint_args(path))
+    if ckpt["adapter"] is not None:  # --method full has none: export_adapters says so
+        teamlora.add_adapters(model, **ckpt["adapter"])  # on meta too: shapes only
+        with warnings.catch_warnings():  # torch warns that copying into meta tensors does nothing: known
+            warnings.simplefilter("ignore")
+            teamlora.load_adapter_state_dict(model, ckpt["tensors"])  # the checks: keys and shapes
+        model.load_state_dict(ckpt["tensors"], strict=False, assign=True)  # the values: the file's tensors themselves
+    return model, ckpt["config"]
+
+
 def export_adapters(model, config, out_dir) -> Path:
-    """Write the adapters of `model` (built by common.load_run from the run's `config`) to out_dir."""
+    """Write the adapters of `model` (load_adapters or common.load_run of the run whose `config` it is) to out_dir."""
     layers = teamlora.adapter_layers(model)
     if not layers:
         raise UserError(f"--export: the run fine-tuned every weight (--method {config['method']}); "

@@ -1,14 +1,18 @@
 """LLaMA in Meta's naming: loads LLaMA-2, Llama-3/3.1, TinyLlama and Mistral-style checkpoints
 (Meta params.json + consolidated.*.pth, or Hugging Face config.json + safetensors/bin) and generates.
+The checkpoint readers, the tokenizer and Hub ids live here beside the model, so that this one file
+loads and runs any base it supports; it imports nothing else of the project.
 
     python model.py CHECKPOINT_DIR --prompt "The capital of France is" --max-new-tokens 32
-    python model.py CHECKPOINT_DIR --adapters runs/teamlora --prompt "..."    # with a run's adapters
+    python eval.py --ckpt runs/teamlora --prompt "..."    # with a run's adapters (eval.py reads runs)
     python -m pytest -q tests/test_model.py
 """
 import argparse
 import functools
 import json
 import math
+import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -210,18 +214,29 @@ class Transformer(nn.Module):
         return loss
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
+        """KV caches of at least (max_batch_size, max_seq_len) positions per layer. Left uninitialised:
+        attention writes every position before it reads it. A cache that is large enough already is
+        reused (choice scoring asks for one per group), else it grows to cover both this request and
+        the last: bounded by the largest batch and the longest sequence asked for."""
         w = self.tok_embeddings.weight
         for layer in self.layers:
             a = layer.attention
+            old = a.cache_k
+            if old is not None and (old.dtype, old.device) == (w.dtype, w.device):
+                if old.shape[0] >= max_batch_size and old.shape[1] >= max_seq_len:
+                    continue
+                max_batch_size, max_seq_len = max(old.shape[0], max_batch_size), max(old.shape[1], max_seq_len)
             shape = (max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim)
-            a.cache_k = torch.zeros(shape, dtype=w.dtype, device=w.device)
-            a.cache_v = torch.zeros(shape, dtype=w.dtype, device=w.device)
+            a.cache_k = a.cache_v = None  # the old pair is freed before the new one is allocated
+            a.cache_k = torch.empty(shape, dtype=w.dtype, device=w.device)
+            a.cache_v = torch.empty(shape, dtype=w.dtype, device=w.device)
 
-    def select_cache(self, rows: torch.Tensor):
-        """Cache row i becomes what row rows[i] holds: several continuations of one prefilled prompt."""
+    def select_cache(self, rows: torch.Tensor, length: Optional[int] = None):
+        """Cache row i becomes what row rows[i] holds at positions 0 .. length - 1 (default: all):
+        several continuations of one prefilled prompt copy the prompt's positions only."""
         for layer in self.layers:
             a = layer.attention
-            a.cache_k[:len(rows)], a.cache_v[:len(rows)] = a.cache_k[rows], a.cache_v[rows]
+            a.cache_k[:len(rows), :length], a.cache_v[:len(rows), :length] = a.cache_k[rows, :length], a.cache_v[rows, :length]
 
     def clear_cache(self):
         for layer in self.layers:
@@ -270,35 +285,17 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """Load a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a Hub id."""
+        """Load a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a Hub id.
+        Each tensor is cast from the checkpoint's own dtype to `dtype` (float32 master weights are
+        exact from an fp16 or fp32 checkpoint)."""
         path = resolve_base(path)
-        hf, args, tensors = _checkpoint(path)
         with torch.device("meta"):  # shapes only; the checkpoint's tensors become the parameters
-            model = cls(args)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if args.tie_embeddings:
-            expected.pop("output.weight")
-        state, unexpected = {}, []
-        for name, source, t in tensors:
-            if args.tie_embeddings and name == "output.weight":
-                continue  # some tied checkpoints still store the shared matrix
-            if name not in expected:
-                unexpected.append(source)
-                continue
-            if t.shape != expected[name]:
-                raise CheckpointError(f"{source}: shape {tuple(t.shape)}, but {name} in the model "
-                                 f"is {tuple(expected[name])}")
-            if hf and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                t = _unpermute_hf(t, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads or args.n_heads)
-            # copy=True: never keep a view of an mmapped file that a later save could overwrite
-            state[name] = t.to(device=device, dtype=dtype, copy=True)
-        missing = [k for k in expected if k not in state]
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: checkpoint does not match the model; missing {len(missing)}: "
-                             f"{missing[:10]}; unexpected {len(unexpected)}: {unexpected[:10]}")
+            model = cls(checkpoint_args(path))
+        # copy=True: never keep a view of an mmapped file that a later save could overwrite
+        state = {name: t.to(device=device, dtype=dtype, copy=True) for name, t in checkpoint_tensors(path, model)}
         model.load_state_dict(state, strict=False, assign=True)
-        model._init_rope(args.max_seq_len, device)
-        if args.tie_embeddings:
+        model._init_rope(model.args.max_seq_len, device)
+        if model.args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         return model.eval()
 
@@ -443,6 +440,37 @@ def checkpoint_args(path) -> ModelArgs:
     return _checkpoint(resolve_base(path))[1]  # HF tensors are read lazily, when iterated; Meta shards mmapped
 
 
+def checkpoint_tensors(path, model):
+    """(name, tensor) of a checkpoint directory, one tensor at a time, in `model`'s names and
+    layout (Meta's q/k row order), in the checkpoint's dtype; each is checked against the shapes
+    of `model` (a Transformer without adapters, on the meta device will do), and once all are read
+    an error lists what was missing or unexpected. train.py --fsdp loads each rank's part of every
+    tensor as it comes."""
+    path = resolve_base(path)
+    hf, args, tensors = _checkpoint(path)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    seen, unexpected = set(), []
+    for name, source, t in tensors:
+        if args.tie_embeddings and name == "output.weight":
+            continue  # some tied checkpoints still store the shared matrix
+        if name not in expected:
+            unexpected.append(source)
+            continue
+        if t.shape != expected[name]:
+            raise CheckpointError(f"{source}: shape {tuple(t.shape)}, but {name} in the model "
+                                  f"is {tuple(expected[name])}")
+        if hf and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = _unpermute_hf(t, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads or args.n_heads)
+        seen.add(name)
+        yield name, t
+    missing = [k for k in expected if k not in seen]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match the model; missing {len(missing)}: "
+                              f"{missing[:10]}; unexpected {len(unexpected)}: {unexpected[:10]}")
+
+
 def _checkpoint(path: Path):
     """(is Hugging Face layout, ModelArgs, iterator of tensors) of a checkpoint directory."""
     if (path / "config.json").exists():
@@ -564,9 +592,26 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id}: cannot download from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
 
 
-def resolve_base(name_or_path) -> Path:
+# The project's tiny base, which pretrain.py builds (and train.py --base tiny on first use): one
+# directory per pretraining length, so that a base only serves runs that asked for as many steps.
+TINY_BASE = Path(os.environ.get("TEAMLORA_CACHE", Path(__file__).parent / "cache")) / "tiny-base"
+
+
+def tiny_dir(steps: int = 700) -> Path:
+    """Where the tiny base of `steps` pretraining steps is (or will be) cached."""
+    return TINY_BASE / f"{steps}-steps"
+
+
+def resolve_base(name_or_path, tiny_steps: int = 700) -> Path:
     """A local checkpoint directory as it is, else a Hugging Face Hub id ("org/name") fetched into the
-    Hugging Face cache. A base is stored in configs as the user gave it, so a Hub id stays an id."""
+    Hugging Face cache; "tiny": the tiny base of tiny_steps pretraining steps, once pretrain.py built
+    it. A base is stored in configs as the user gave it, so a Hub id stays an id."""
+    if str(name_or_path) == "tiny":
+        path = tiny_dir(tiny_steps)
+        if not (path / "params.json").exists():
+            raise CheckpointNotFound(f"tiny: the tiny base of {tiny_steps} pretraining steps is not built yet "
+                                     f"(python pretrain.py --steps {tiny_steps} builds it into {path})")
+        return path
     path = Path(name_or_path)
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         if not path.exists():
@@ -576,26 +621,25 @@ def resolve_base(name_or_path) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="the base: a checkpoint directory (Hugging Face or Meta layout) or a Hub id")
-    parser.add_argument("--adapters", metavar="OUT", help="a train.py output directory: generate with its adapters")
-    parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", help="the base: a checkpoint directory (Hugging Face or Meta layout), a Hub "
+                        "id, or 'tiny' (pretrain.py's tiny base); a run's adapters: eval.py --ckpt OUT --prompt")
+    parser.add_argument("--prompt", default="The capital of France is", help="the text to continue (greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="at most this many tokens are generated")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     dtype, device = (torch.bfloat16, "cuda") if gpu else (torch.float32, "cpu")
-    if args.adapters:  # imported here: without --adapters model.py needs nothing else from the project
-        from common import load_run
-        model, tokenizer, _ = load_run(args.adapters, device, dtype, base=args.checkpoint)
-    else:  # the tokenizer first: a broken one is reported before the weights load
-        tokenizer = load_tokenizer(args.checkpoint)
-        model = Transformer.from_pretrained(args.checkpoint, dtype, device)
+    tokenizer = load_tokenizer(args.checkpoint)  # the tokenizer first: a broken one is reported before the weights load
+    model = Transformer.from_pretrained(args.checkpoint, dtype, device)
     prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
     [new] = model.generate([prompt], args.max_new_tokens, eos_id=tokenizer.eos_id)  # greedy
     print(args.prompt + tokenizer.decode(new))
 
 
 if __name__ == "__main__":
-    import model  # the imported module, so cli() catches its CheckpointError, not __main__'s
-    from common import cli
-    cli(model.main)
+    try:  # common.cli's handling of a user's mistake, without importing common.py (which imports this file)
+        main()
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

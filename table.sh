@@ -10,6 +10,7 @@
 #   BASE=/path/to/SmolLM2-135M-Instruct bash table.sh            # a local copy instead of the Hub id
 #   JOBS=2 SEEDS="0 1 2" SETUPS="lora-r8 teamlora" bash table.sh  # two runs at a time, one thread each
 #   EXTRA="--max-steps 300" bash table.sh                          # any train.py flags, for every run
+#   EXTRA="" bash table.sh                                         # no step cut: the cpu preset's 300 steps
 #   SEEDS=0 SETUPS="moelora teamlora-softmax" bash table.sh        # the equivalence: equal scores
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,7 +18,7 @@ BASE=${BASE:-HuggingFaceTB/SmolLM2-135M-Instruct}
 OUT=${OUT:-runs/table}
 JOBS=${JOBS:-1}
 SEEDS=${SEEDS:-0 1 2}
-EXTRA=${EXTRA:---max-steps 150}
+EXTRA=${EXTRA---max-steps 150}  # unset: the 150-step cut; set, even to "": exactly what it says
 declare -A FLAGS=(
   [lora-r8]="--method lora --rank 8"                              # LoRA r
   [lora-r32]="--method lora --rank 32"                            # LoRA k·r: TeamLoRA's total rank

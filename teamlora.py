@@ -10,7 +10,9 @@ Copy this one file into any project:
 Every adapter adds a trainable bypass delta(x) to a frozen layer y = W0 x (+ b). Routing is per
 token, over the last dimension of inputs of any shape (..., d_in). r is the rank of one expert and
 s = alpha / r for every method, so TeamLoRA's scale is alpha / r_B (r_B = r), not alpha / (k r).
-drop(x) is one dropout mask, shared by all of a layer's experts.
+drop(x) is one dropout mask, shared by all of a layer's experts. LoRA and TeamLoRA compute A drop(x)
+with `dropout_linear`, which keeps x and a bool mask for backward instead of drop(x); the router reads
+x itself, so under bf16 autocast a TeamLoRA layer saves for backward what a LoRA layer saves.
 
     teamlora   z = A drop(x), split into z_1..z_k            A (k r, d_in), expert i reads slice z_i (r)
                delta = s sum_i w_i B_i z_i                   B_i (d_out, r), w = router(x)
@@ -18,7 +20,8 @@ drop(x) is one dropout mask, shared by all of a layer's experts.
     moelora    delta = s sum_i g_i B_i A_i drop(x)           k independent experts, g = router(x)
     hydralora  delta = s sum_i g_i B_i A drop(x)             one shared A (r, d_in), k heads B_i
 
-Routers (`router=`), always computed in float32:
+Routers (`router=`), computed in float32; under autocast the logits W_S x are one matmul in the
+input's dtype (a bf16 model: x and W_S rounded to bf16, the k logits too), then cast to float32:
     softmax    g = softmax(W_g x)                                    sums to 1 per token
     shapley    phi = softmax(W_S x);  w~ = M phi;  t = sum_j w~_j
                w = k w~ / d,   d = sign(t) max(|t|, tau sum_j |w~_j|, 1e-6),   tau = 0.1
@@ -67,7 +70,8 @@ PREFIX = "lora_"
 
 
 class Router(nn.Module):
-    """Per-token expert weights in float32: `softmax` (sum 1) or `shapley` (interaction matrix, sum k)."""
+    """Per-token expert weights in float32: `softmax` (sum 1) or `shapley` (interaction matrix, sum k).
+    Outside autocast exactly float32; under it W_S x runs in x's dtype (see the module docstring)."""
 
     tau = 0.1  # the normaliser guard: sum_i |w_i| <= k / tau
 
@@ -84,13 +88,20 @@ class Router(nn.Module):
             self.lora_M = nn.Parameter(torch.eye(k) + off)
 
     def forward(self, x):
-        # float32 under bf16 autocast too (softmax and the normaliser are sensitive); the autocast
-        # context is entered only when autocast is on, since entering it is dear at decode.
         if torch.is_autocast_enabled(x.device.type):
+            # W_S x in x's own dtype (bf16 in a bf16 model): the matmul saves x itself for backward,
+            # the tensor the layer's A product saved already (dropout_linear), where x.float() would
+            # save a float32 copy (4 bytes per input value per routed layer). Only the k logits are
+            # rounded to bf16; softmax, M and the normaliser stay float32. The autocast context is
+            # entered only when autocast is on, since entering it is dear at decode.
             with torch.autocast(x.device.type, enabled=False):
-                return self.forward(x)
+                return self.weights(F.linear(x, self.lora_gate.to(x.dtype)).float())
         # .float() returns float32 tensors themselves: a cast only for bf16 inputs or adapters.
-        phi = torch.softmax(F.linear(x.float(), self.lora_gate.float()), dim=-1)  # (..., k)
+        return self.weights(F.linear(x.float(), self.lora_gate.float()))
+
+    def weights(self, logits):
+        """The expert weights (..., k) of float32 logits W_S x (..., k)."""
+        phi = torch.softmax(logits, dim=-1)  # (..., k)
         if self.kind == "softmax":
             return phi
         mixed = F.linear(phi, self.lora_M.float())  # w~ = M phi: w~_i = sum_j M_ij phi_j (..., k)
@@ -99,6 +110,46 @@ class Router(nn.Module):
         # (abs().sum, not linalg.vector_norm: on CPU that is ~18x slower on (2048, k).)
         d = torch.maximum(t.abs(), self.tau * mixed.abs().sum(-1, keepdim=True))
         return self.k * mixed / d.clamp_min(1e-6).copysign(t)
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """A drop(x) for backward from x and the dropout mask (bool), not from the dropped copy of x."""
+
+    @staticmethod
+    def forward(ctx, x, A, p):
+        mask = torch.native_dropout(x, p, True)[1]  # the mask nn.Dropout draws, from the same RNG
+        z = F.linear(x * _noise(mask, p, x.dtype), A)  # under autocast in its dtype, as outside a Function
+        ctx.p, ctx.dtype = p, z.dtype
+        ctx.save_for_backward(x, mask, A)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        # autograd's own chain in the forward's dtypes: drop(x) = x * noise -> cast -> linear with A cast
+        x, mask, A = ctx.saved_tensors
+        noise = _noise(mask, ctx.p, x.dtype)
+        dx = dA = None
+        if ctx.needs_input_grad[0]:
+            dx = (grad @ A.to(ctx.dtype)).to(x.dtype) * noise
+        if ctx.needs_input_grad[1]:
+            dropped = (x * noise).to(ctx.dtype)  # drop(x) again, bit for bit
+            dA = (grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(A.dtype)  # (r, d_in)
+        return dx, dA, None
+
+
+def _noise(mask, p, dtype):
+    """mask / (1 - p) in x's dtype, as nn.Dropout scales its mask on a CPU (bf16: 1 / (1 - p) rounded)."""
+    return mask.to(dtype) * (1.0 / (1.0 - p))
+
+
+def dropout_linear(x, A, dropout, training):
+    """F.linear(dropout(x), A), the first product of an adapter, saving x and a bool mask for
+    backward instead of drop(x) (2-4 bytes per input value): the router reads x itself, so a
+    routed layer keeps one copy of its input, as a LoRA layer does (and w1 and w3 share theirs)."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if not (training and 0.0 < p < 1.0 and torch.is_grad_enabled()):
+        return F.linear(dropout(x), A)
+    return _DropoutLinear.apply(x, A, p)
 
 
 class AdapterLinear(nn.Linear):
@@ -174,7 +225,7 @@ class TeamLoRALinear(RoutedLinear):
 
     def delta(self, x):
         w = self.route(x)  # (..., k) float32
-        z = F.linear(self.dropout(x), self.lora_A)  # (..., k r)
+        z = dropout_linear(x, self.lora_A, self.dropout, self.training)  # A drop(x) (..., k r)
         return F.linear(z * F.linear(w.to(z.dtype), self.expand), self.lora_B)  # z_i *= s w_i: rank space
 
     def delta_loop(self, x):
@@ -194,7 +245,8 @@ class LoRALinear(AdapterLinear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))  # (d_out, r)
 
     def delta(self, x):
-        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B)  # s applied on r, not d_out
+        z = dropout_linear(x, self.lora_A, self.dropout, self.training)  # A drop(x) (..., r)
+        return F.linear(z * self.scale, self.lora_B)  # s applied on r, not d_out
 
     @torch.no_grad()
     def merge(self, sign=1.0):
@@ -300,22 +352,25 @@ def load_adapter_state_dict(model, state):
 
 
 def _shares(layer, mask):
-    """Per-token expert shares (tokens, k) summing to 1, restricted to real tokens when mask is given."""
-    p = layer.last_weights / layer.router.total
-    p = p.reshape(-1, layer.k)
-    if mask is not None:
-        p = p[mask.reshape(-1).to(p.device).bool()]
-    return p
+    """(k,) expert i's shares summed over real tokens (every token when mask is None), and their
+    count (a 0-dim tensor). A mask-weighted sum, not p[mask]: boolean indexing has a data-dependent
+    shape, a device-to-host sync per routed layer on a GPU; this stays on the device."""
+    p = (layer.last_weights / layer.router.total).reshape(-1, layer.k)  # (N, k)
+    if mask is None:
+        return p.sum(0), torch.tensor(float(p.shape[0]), device=p.device)
+    m = mask.reshape(-1, 1).to(device=p.device, dtype=p.dtype)  # (N, 1): 1 on real tokens
+    return (p * m).sum(0), m.sum()
 
 
 def adapter_aux_loss(model, mask=None):
     """L_bal = k sum_i (p_i - 1/k)^2 of the last forward, averaged over routed layers; 0 (float32, on
     the model's device, so collectives can reduce it) if none. mask: (...) of the input's leading
-    shape, true on real (non-padding) tokens."""
+    shape, true on real (non-padding) tokens. No host sync: it can run every micro-step."""
     losses = []
     for _, layer in adapter_layers(model):
         if layer.routed and layer.last_weights is not None:
-            p = _shares(layer, mask).mean(0)  # (k,)
+            total, n = _shares(layer, mask)
+            p = total / n.clamp_min(1.0)  # (k,) mean share; 0 without real tokens
             losses.append(layer.k * ((p - 1.0 / layer.k) ** 2).sum())
     if losses:
         return torch.stack(losses).mean()
@@ -335,14 +390,21 @@ def routing_entropy(p):
 def routing_stats(model, mask=None):
     """Per routed layer, from the last forward: {"weight_sum": (k,) sum over tokens of each expert's
     share, "entropy_sum": sum over tokens of the routing entropy (nats, `routing_entropy`), "tokens":
-    count}. Sums, so callers can accumulate over batches; mean share = weight_sum / tokens."""
-    stats = {}
+    count}. Sums, so callers can accumulate over batches; mean share = weight_sum / tokens. Computed
+    on the device with masked sums, then copied to the host once for all layers."""
+    names, rows = [], []
     for name, layer in adapter_layers(model):
         if layer.routed and layer.last_weights is not None:
-            p = _shares(layer, mask).float()
-            entropy = routing_entropy(p)
-            stats[name] = {"weight_sum": p.sum(0).cpu(), "entropy_sum": entropy.sum().item(), "tokens": p.shape[0]}
-    return stats
+            weight_sum, n = _shares(layer, mask)
+            p = (layer.last_weights / layer.router.total).reshape(-1, layer.k).float()  # (N, k)
+            m = 1.0 if mask is None else mask.reshape(-1).to(device=p.device, dtype=p.dtype)  # (N,)
+            rows.append(torch.cat([weight_sum.float(), (routing_entropy(p) * m).sum()[None], n.float()[None]]))
+            names.append(name)
+    if not rows:
+        return {}
+    table = torch.stack(rows).double().cpu()  # (layers, k + 2): the one transfer
+    return {name: {"weight_sum": row[:-2].float(), "entropy_sum": row[-2].item(), "tokens": int(row[-1])}
+            for name, row in zip(names, table)}
 
 
 def merge_adapters(model):

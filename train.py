@@ -10,14 +10,20 @@ eval.json, predictions.jsonl and routing.png (eval.py says what they hold). An O
 finished or started, is refused unless --resume continues it or --overwrite replaces it.
 """
 import argparse
+import gc
+import inspect
 import json
 import math
+import os
+import shlex
+import sys
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; unused here
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")  # before optimizer.step(): a skipped step 1
 import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -26,6 +32,8 @@ from tqdm import tqdm
 import common
 import data
 import eval as evaluation
+import pretrain
+import sharding
 import teamlora
 from common import UserError, cli
 from model import Transformer
@@ -78,12 +86,20 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=float, help="warm-up fraction of the steps " + preset("warmup"))
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter matrices")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping; 0 = off")
+    p.add_argument("--skip-nonfinite", type=int, default=0,
+                   help="skip up to N steps whose loss or gradient norm is not finite (no update, counted in the "
+                        "log's 'skipped') instead of stopping the run at the first")
     p.add_argument("--temperature", type=float, default=1.0, help="task mixing temperature (1 = by size)")
     p.add_argument("--task-cap", type=int, help="at most this many training examples per task (default: all)")
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 autocast on GPUs, else float32")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (lengths padded "
+                   "to a multiple of 64 so few shapes recompile); the first steps pay minutes of compiling: "
+                   "worth it on GPUs for long runs, not on a CPU (README)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help="shard weights, gradients and optimizer "
+                   "state over the ranks (FSDP2) instead of DDP (default: FSDP under torchrun on GPUs when DDP "
+                   "would not fit, README)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward")
     again = p.add_mutually_exclusive_group()  # without either, an OUT that holds a run is refused
     again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
@@ -110,6 +126,8 @@ def get_args(argv=None):
         p.error("--max-steps, --save-every and --eval-limit cannot be negative")
     if args.method == "lora" and args.router:
         p.error("--router: method lora has no router")
+    if args.skip_nonfinite < 0:
+        p.error("--skip-nonfinite cannot be negative")
     return args
 
 
@@ -146,20 +164,39 @@ def build(args, device):
     tokenizer and config, and the adapter flags (on the model built without storage)."""
     train, test = data.load_mixture(args.data)
     if args.base == "tiny" and common.is_main():
-        data.tiny_base(args.pretrain_steps, device)  # first use only; the other ranks wait at the barrier
+        pretrain.tiny_base(args.pretrain_steps, device)  # first use only; the other ranks wait at the barrier
     common.barrier()
-    base = common.base_dir(args.base)
+    base = common.base_dir(args.base, args.pretrain_steps)
     tok, config = common.check_base(base)
     with torch.device("meta"):  # the adapter flags tried on a model without storage
         attach(Transformer(config), args)
-    dtype = torch.bfloat16 if use_bf16(args, device) and device.type == "cuda" else torch.float32  # CPUs: float32
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    model.gradient_checkpointing = args.grad_checkpoint
-    if args.method == "full":
-        model.float()  # full fine-tuning keeps float32 master weights
+    # A frozen base in bf16 on GPUs (CPUs: float32); full fine-tuning keeps float32 master weights,
+    # cast from the checkpoint's own dtype (an fp16 or fp32 base loses no bits on the way).
+    bf16 = use_bf16(args, device) and device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 and args.method != "full" else torch.float32
     torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
-    adapter = attach(model, args)
-    return base.resolve(), tok, model.to(device), adapter, train, test
+    if use_fsdp(args, config, device):
+        model, adapter = sharding.build(base, config, lambda m: attach(m, args), device, dtype,
+                                        torch.bfloat16 if bf16 and args.method == "full" else None)
+    else:
+        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+        adapter = attach(model, args)
+    model.gradient_checkpointing = args.grad_checkpoint
+    return base.resolve(), tok, model, adapter, train, test
+
+
+def use_fsdp(args, config, device):
+    """--fsdp as given; by default under torchrun on GPUs when DDP's copy of the model would take
+    over 60% of a GPU. Per parameter, DDP holds: a frozen base 2 bytes (bf16); --method full 4
+    (float32 weight) + 4 (gradient) + 4 (DDP's bucket) + 8 (AdamW moments) + 2 (autocast's copy)."""
+    if args.fsdp is not None or not dist.is_initialized() or device.type != "cuda":
+        return bool(args.fsdp) and dist.is_initialized()
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(config).parameters())
+    need, have = n * (22 if args.method == "full" else 2), torch.cuda.get_device_properties(device).total_memory
+    if need > 0.6 * have and common.is_main():
+        print(f"--fsdp chosen: DDP would hold {need / 2**30:.0f} GiB of a {have / 2**30:.0f} GiB GPU (--no-fsdp: DDP)")
+    return need > 0.6 * have
 
 
 def use_bf16(args, device):
@@ -184,18 +221,54 @@ def cosine_lr(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def batches(ds, sampler, tok, batch_size, start, device):
-    """Micro-batches of exactly batch_size examples from example `start` of this rank's stream of
-    concatenated epochs (a batch may span two epochs), so a step count is a data position."""
-    epoch, pos = divmod(start, len(sampler))
-    chunk = []
+# Where all ranks together stand in the stream of examples: the epoch, and how far into its order.
+START = {"epoch": 0, "offset": 0, "examples_seen": 0}
+
+
+def example_stream(sampler, position, rank, world):
+    """This rank's example indices from `position` on. Each epoch's order (the global one: sampler
+    has one rank) is cut, from the position's offset, to a multiple of world and dealt out: rank r
+    takes every world-th example from r. So a step of all ranks takes a contiguous run of the
+    order, and a resume on any number of ranks goes on at the same example (advance says which)."""
+    if len(sampler) < world:
+        raise UserError(f"{len(sampler)} training examples cannot feed {world} processes")
+    epoch, offset = position["epoch"], position["offset"]
     while True:
-        for j in sampler.epoch(epoch)[pos:]:
-            chunk.append(j)
-            if len(chunk) == batch_size:
-                yield {k: v.to(device) for k, v in data.collate([ds[i] for i in chunk], tok.pad_id).items()}
-                chunk = []
-        epoch, pos = epoch + 1, 0
+        order = sampler.epoch(epoch)
+        yield from order[offset:offset + (len(order) - offset) // world * world][rank::world]
+        epoch, offset = epoch + 1, 0
+
+
+def advance(position, n, epoch_size, world):
+    """The position n examples (all ranks together, a multiple of world) after `position`, for
+    example_stream on `world` ranks: what an epoch holds past a multiple of world is passed over."""
+    epoch, offset = position["epoch"], position["offset"]
+    seen = position["examples_seen"] + n
+    while True:
+        left = (epoch_size - offset) // world * world  # what this epoch still deals out
+        if n < left:
+            return {"epoch": epoch, "offset": offset + n, "examples_seen": seen}
+        epoch, offset, n = epoch + 1, 0, n - left
+
+
+def batches(ds, indices, tok, batch_size, device, bucket=1):
+    """Micro-batches of exactly batch_size examples from an index stream (one may span two epochs).
+    bucket: lengths are padded up to a multiple of it (at most to the longest example), for --compile."""
+    longest = max(len(x) for x, _ in ds.items)
+    while True:
+        chunk = [next(indices) for _ in range(batch_size)]
+        batch = pad_length(data.collate([ds[i] for i in chunk], tok.pad_id), bucket, longest, tok.pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def pad_length(batch, bucket, longest, pad_id):
+    """The batch right-padded as collate pads (pad_id, IGNORE, mask false) to the next multiple of
+    bucket tokens, at most `longest`: a compiled block then meets a few lengths, not every one."""
+    T = batch["tokens"].shape[1]
+    extra = min(-(-T // bucket) * bucket, max(T, longest)) - T
+    fill = {"tokens": pad_id, "targets": data.IGNORE, "mask": False}
+    return {k: torch.cat([v, v.new_full((len(v), extra), fill[k])], 1) if k in fill and extra else v
+            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -217,7 +290,9 @@ def clear_out(out):
 
 
 def read_resume(args, world):
-    """OUT/checkpoint.pt for --resume, refused unless it continues this very run."""
+    """OUT/checkpoint.pt for --resume, refused unless it continues this very run. The number of
+    processes and the split of the global batch into --batch-size x --grad-accum may change, the
+    global batch may not; a changed layout continues at the same example, not bit for bit."""
     out = Path(args.out)
     if not (out / common.CHECKPOINT).exists():
         raise UserError(f"--resume: no {out / common.CHECKPOINT}; start without --resume")
@@ -225,24 +300,62 @@ def read_resume(args, world):
     if ckpt.get("legacy"):
         raise UserError(f"--resume: {out} was written by an older train.py; eval.py reads it, resuming needs a new run")
     now, then = vars(args), ckpt["config"]
+    was, will = layout(len(ckpt["rng"]), then), layout(world, now)
+    split = ("batch_size", "grad_accum") if was[1] == will[1] else ()  # the global batch holds: its split may change
     changed = [f"--{k.replace('_', '-')} {then.get(k)} (now {now[k]})" for k in now
-               if k not in common.RUN_ONLY and now[k] != then.get(k)]
+               if k not in common.RUN_ONLY + split and now[k] != then.get(k)]
+    if was[1] != will[1]:
+        changed.append(f"{was[1]} examples per step ({was[0]}; now {will[1]}: choose --batch-size and --grad-accum "
+                       f"for {was[1]})")
     if changed:
         raise UserError(f"--resume: {out} was trained with other flags: {', '.join(changed)}")
-    if len(ckpt["rng"]) != world:
-        raise UserError(f"--resume: {out} was written by {len(ckpt['rng'])} processes; this run has {world}")
+    if was != will and common.is_main():
+        print(f"resuming {out} ({was[0]}) on {will[0]}: the data go on at example {ckpt['step'] * was[1]} of the "
+              "mixture's stream; not exact: each rank's dropout stream (new ones, from --seed, rank and step) and "
+              "the order of floating-point sums")
     return ckpt
 
 
-def restore(ckpt, model, adapter, opt, sched):
-    """Trained tensors, optimizer and scheduler from a checkpoint; returns its progress."""
-    if adapter is None:
+def layout(world, config):
+    """(what it says, global batch): how a step's examples are split into processes and micro-steps."""
+    b, a = config["batch_size"], config["grad_accum"]
+    return f"{world} process{'es' * (world > 1)} x {b} examples x {a} micro-steps", world * b * a
+
+
+def restore(ckpt, model, adapter, opt, sched, epoch_size):
+    """Trained tensors, optimizer and scheduler from a checkpoint (under FSDP each rank keeps its
+    shard of them); returns its progress."""
+    sharded = sharding.is_sharded(model)
+    if sharded:
+        sharding.load_full(model, ckpt["tensors"])  # a tied output layer is stored once, as its embedding
+    elif adapter is None:
         model.load_state_dict(ckpt["tensors"], strict=False)  # a tied output layer is stored once
     else:
         teamlora.load_adapter_state_dict(model, ckpt["tensors"])
-    opt.load_state_dict(ckpt["optimizer"])
+    opt.load_state_dict(sharding.shard_optimizer(ckpt["optimizer"], opt) if sharded else ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
-    return {k: ckpt[k] for k in ("step", "train_time", "tokens", "loss")}
+    return {**{k: ckpt[k] for k in ("step", "train_time", "tokens", "loss")}, "skipped": ckpt.get("skipped", 0),
+            "data": data_position(ckpt, epoch_size)}
+
+
+def data_position(ckpt, epoch_size):
+    """Where a checkpoint's run stands in the stream; one written before positions were global
+    holds each rank's count only, and had dealt the epochs as example_stream does on its ranks."""
+    if "epoch" in ckpt["data"]:
+        return ckpt["data"]
+    return advance(START, ckpt["step"] * layout(len(ckpt["rng"]), ckpt["config"])[1], epoch_size, len(ckpt["rng"]))
+
+
+def seed_dropout(args, rank, world, resume, device):
+    """Each rank's dropout stream: from --seed + rank; on a resume its saved state, or, on another
+    layout (read_resume), a new stream per rank and step: the one part of a resume that cannot be exact."""
+    torch.manual_seed(args.seed + rank)  # dropout differs per rank; data order comes from the sampler
+    if resume and layout(len(resume["rng"]), resume["config"]) == layout(world, vars(args)):
+        torch.set_rng_state(resume["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in resume["rng"][rank]:
+            torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
+    elif resume:
+        torch.manual_seed(args.seed + rank + world * resume["step"])
 
 
 def save(model, adapter, base, opt, sched, progress, args, device):
@@ -257,11 +370,15 @@ def save(model, adapter, base, opt, sched, progress, args, device):
         dist.all_gather(parts, flat)
         sizes = [v.numel() for v in rng.values()]
         rngs = [dict(zip(rng, p.cpu().split(sizes))) for p in parts]
-    if common.is_main():
-        state = {"config": vars(args), "adapter": adapter, "base_path": str(base), **progress,
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
-                 "data": {"examples_seen": progress["step"] * args.batch_size * args.grad_accum}}
-        common.save_checkpoint(args.out, common.trained_tensors(model, adapter), state)
+    main = common.is_main()
+    tensors, optimizer = None, None
+    if sharding.is_sharded(model):  # every rank hands in its shards; rank 0 gets the full tensors
+        tensors = sharding.gather(common.trained_tensors(model, adapter), main)
+        optimizer = sharding.gather_optimizer(opt, main)
+    if main:
+        state = {"config": vars(args), "adapter": adapter, "base_path": str(base), **progress,  # data: where step+1 starts
+                 "optimizer": optimizer or opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}
+        common.save_checkpoint(args.out, tensors or common.trained_tensors(model, adapter), state)
 
 
 # ----------------------------------------------------------------------------- the step's bookkeeping
@@ -281,26 +398,146 @@ def task_sums(batch, losses, n_tasks):
     return sums
 
 
-def record(sums, aux, micro, grad_norm, lr, dt, progress, tasks, world, device):
-    """The step's log record, over all ranks; adds the step's time and input tokens to progress."""
-    sums = common.all_reduce(sums, device)
-    aux = common.all_reduce(aux, device) / world
-    tokens = int(common.all_reduce(torch.tensor(sum(b["tokens"].numel() for b in micro), device=device), device))
+def step_totals(sums, aux, micro, grad_norm, world, device):
+    """The step's one collective, between backward and the update, read back once: the per-task
+    sums (2, n_tasks), the balance term, the input tokens and two flags (a non-finite gradient
+    norm, a stop signal) over all ranks, so that every rank takes the same decisions."""
+    flags = torch.tensor([sum(b["tokens"].numel() for b in micro), bool(common.stop_signal)], device=device)
+    local = torch.cat([sums.flatten(), aux.view(1), (~torch.isfinite(grad_norm)).view(1), flags]).double()
+    total = common.all_reduce(local, device).tolist()
+    n = sums.numel()
+    return {"sums": torch.tensor(total[:n], dtype=torch.float64).view(sums.shape), "aux": total[n] / world,
+            "grad_finite": total[n + 1] == 0, "tokens": int(total[n + 2]), "stop": total[n + 3] > 0}
+
+
+def check_finite(totals, progress, args, tasks):
+    """True: the step may update. A loss or gradient norm that is not finite on any rank stops the
+    run before the optimizer steps (Diverged), or while --skip-nonfinite allows, skips the update
+    (False): the step still counts, its examples are used up and the lr schedule moves on, so the
+    step count stays the data position and a resume goes on alike."""
+    bad = [t for t, s in zip(tasks, totals["sums"][0].tolist()) if not math.isfinite(s)]
+    if not bad and totals["grad_finite"]:
+        return True
+    if progress["skipped"] < args.skip_nonfinite:
+        progress["skipped"] += 1
+        return False
+    what = f"the loss of task{'s' * (len(bad) > 1)} {', '.join(bad)}" if bad else "the gradient norm"
+    skipped = f"{progress['skipped']} skipped already; " if progress["skipped"] else ""
+    raise common.Diverged(f"error: step {progress['step'] + 1}: {what} is not finite; stopped before its update, "
+                          f"{args.out} keeps its last checkpoint ({skipped}--resume --skip-nonfinite N skips up to N "
+                          "such steps)")
+
+
+def record(totals, grad_norm, lr, dt, progress, tasks):
+    """The step's log record from its totals over all ranks (null for what is not finite: a skipped
+    step); adds the step's time and input tokens to progress."""
+    sums, tokens = totals["sums"], totals["tokens"]
+    loss = (sums[0].sum() / sums[1].sum()).item()
     progress.update(step=progress["step"] + 1, train_time=progress["train_time"] + dt,
-                    tokens=progress["tokens"] + tokens, loss=(sums[0].sum() / sums[1].sum()).item())
-    return {"step": progress["step"], "loss": progress["loss"], "aux": aux.item(), "lr": lr,
-            "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt,
-            "task_loss": {t: (sums[0, i] / sums[1, i]).item() for i, t in enumerate(tasks) if sums[1, i] > 0}}
+                    tokens=progress["tokens"] + tokens, loss=loss if math.isfinite(loss) else progress["loss"])
+    return {"step": progress["step"], "loss": finite(loss), "aux": finite(totals["aux"]), "lr": lr,
+            "grad_norm": finite(grad_norm.item()), "tokens_per_s": tokens / dt, "skipped": progress["skipped"],
+            "task_loss": {t: finite((sums[0, i] / sums[1, i]).item()) for i, t in enumerate(tasks) if sums[1, i] > 0}}
+
+
+def finite(x):
+    return x if math.isfinite(x) else None
 
 
 def open_log(out, step):
-    """log.jsonl for appending; records after `step` (a resume is about to redo them) are dropped."""
+    """log.jsonl for appending, line-buffered: each record is in the file (tail -f, a crash) before
+    the next step starts. Records after `step` (a resume is about to redo them) are dropped."""
     old = (out / "log.jsonl").read_text().splitlines() if step and (out / "log.jsonl").exists() else []
     common.atomic_save("".join(r + "\n" for r in old if json.loads(r)["step"] <= step), out / "log.jsonl")
-    return open(out / "log.jsonl", "a")
+    try:
+        return open(out / "log.jsonl", "a", buffering=1)
+    except OSError as e:
+        raise common.write_failed(out / "log.jsonl", e) from e
+
+
+def write_record(log, rec, bar):
+    """rec into log.jsonl (a write that fails stops the run with one line naming the file)."""
+    try:
+        log.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        raise common.write_failed(Path(log.name), e) from e
+    bar.update(1)
+    bar.set_postfix(loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}")
+
+
+# ----------------------------------------------------------------------------- stopping: signals, a lost rank
+
+def preempted(progress, args):
+    """The stop after a signal's checkpoint: every rank first waits for rank 0 to write it (a
+    launcher tears all ranks down as soon as one exits)."""
+    common.barrier()
+    why = common.stop_signal[0] if common.stop_signal else "a signal to another rank"
+    common.stop_signal.clear()  # answered: a later run in this process (a test, a notebook) starts afresh
+    raise common.Preempted(f"stopped on {why} after step {progress['step']}, saved in {args.out}")
+
+
+def one_line(e, argv, args, rank, world):
+    """The Stop a run exits with, made anew so that no frame of train() (nor its DDP wrapper) stays
+    referenced: a collective's error becomes one line naming this rank and --timeout, and a
+    preemption's line gets the command that continues the run."""
+    if isinstance(e, common.Preempted):
+        return common.Preempted(f"{e}; continue with: {resume_command(argv, world)}")
+    if isinstance(e, common.Stop):
+        return type(e)(str(e))
+    reason = str(e).split("] ", 1)[-1].split(". ")[0]  # gloo: "[pair.cc:537] Read error ...: Connection reset. ..."
+    return common.RankLost(f"error: rank {rank} of {world}: a collective failed ({reason}): another rank died or did "
+                           f"not answer within --timeout {args.timeout:g} min; {args.out} keeps its last checkpoint, "
+                           "--resume continues from it")
+
+
+def resume_command(argv, world):
+    """The command line that continues this run (on this many processes, or any other)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    launcher = ["python"] if "RANK" not in os.environ else ["torchrun", f"--nproc_per_node={local}"]
+    if world > local:
+        launcher.insert(1, f"--nnodes={world // local}")
+    flags = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join([*launcher, os.path.relpath(__file__), *flags, "--resume"])
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def balance_loss(model, batch, coefficient, device):
+    """The load-balancing term of the last forward over the batch's real tokens; at --balance 0 it is
+    not computed at all (its boolean indexing costs a device-to-host sync per routed layer)."""
+    if coefficient == 0:
+        return torch.zeros((), device=device)
+    return teamlora.adapter_aux_loss(model, mask=batch["mask"]).to(device)
+
+
+def wrap(model, args, device):
+    """The module the loop calls: --compile compiles each block in place (the names in checkpoints
+    stay; the root's data-dependent answer-position gather stays eager), then DDP under torchrun
+    unless the model is sharded (FSDP's units are its blocks already)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (--method full's, the router's) in TF32
+    elif use_bf16(args, device) and not cpu_has_bf16() and common.is_main():
+        print("note: this CPU has no bf16 instructions (avx512_bf16 / amx_bf16): --dtype bfloat16 runs "
+              "~15x slower than float32 here (a SmolLM2 step: ~70 s against ~4 s); use float32 on this machine")
+    if args.compile:
+        for block in model.layers:
+            block.compile()
+    if not dist.is_initialized() or sharding.is_sharded(model):
+        return model
+    # Every rank reads the same base and draws the same adapters (seeded), so nothing is broadcast at
+    # start (init_sync), nor the buffers (RoPE tables, TeamLoRA's expand) at every forward.
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, init_sync=False, **{quiet: False})
+
+
+def cpu_has_bf16():
+    """True when the CPU computes bf16 natively (x86: AVX512-BF16 or AMX; Arm: the bf16 extension)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no way to tell, so no note
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def train(args, rank, world, device):
@@ -311,13 +548,15 @@ def train(args, rank, world, device):
     resume = read_resume(args, world) if args.resume else None
     base, tok, model, adapter, train_set, test_set = build(args, device)
     ds = data.TaskDataset(train_set, tok, args.seq_len, verbose=master)
-    sampler = data.MixtureSampler(ds.task_of, args.temperature, args.task_cap, args.seed, rank, world)
-    per_step = args.batch_size * args.grad_accum  # examples per rank per optimizer step
+    sampler = data.MixtureSampler(ds.task_of, args.temperature, args.task_cap, args.seed)  # example_stream deals it
+    per_step = args.batch_size * args.grad_accum * world  # examples per optimizer step, all ranks
     steps = args.max_steps or max(1, int(args.epochs * len(sampler) / per_step))
     params, opt, sched = make_optimizer(model, args, steps, device)
-    progress = dict(step=0, train_time=0.0, tokens=0, loss=None)
+    progress = dict(step=0, train_time=0.0, tokens=0, loss=None, skipped=0, data=START)
     if resume:
-        progress = restore(resume, model, adapter, opt, sched)
+        progress = restore(resume, model, adapter, opt, sched, len(sampler))
+    seed_dropout(args, rank, world, resume, device)  # here: neither wrap (DDP, compile) nor logging draws numbers
+    resume = None  # the checkpoint's dict goes: its tensors now live in the model and optimizer
     report = teamlora.parameter_report(model)
     log = None
     if master:
@@ -326,59 +565,56 @@ def train(args, rank, world, device):
             clear_out(out)
         print_config(args, world, steps, report, ds.tasks, len(train_set), len(test_set))
         log = open_log(out, progress["step"])
-    raw = model  # checkpoints and evaluation use the unwrapped, uncompiled module
-    if args.compile:
-        model = torch.compile(model)
-    ddp = dist.is_initialized()
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    torch.manual_seed(args.seed + rank)  # dropout differs per rank; data order comes from the sampler
-    if resume:
-        torch.set_rng_state(resume["rng"][rank]["cpu"])
-        if device.type == "cuda" and "cuda" in resume["rng"][rank]:
-            torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
+    raw = model  # checkpoints and the balance term use the module without its DDP wrapper
+    model = wrap(model, args, device)
+    ddp = isinstance(model, DDP)  # FSDP reduce-scatters at every micro-step: its gradients stay sharded
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(args, device) else nullcontext()
-    stream = batches(ds, sampler, tok, args.batch_size, progress["step"] * per_step, device)
+    stream = batches(ds, example_stream(sampler, progress["data"], rank, world), tok, args.batch_size, device,
+                     64 if args.compile else 1)
     if progress["step"] >= steps and master:
         print(f"{out} finished its {steps} steps already; nothing to train")
-    bar = tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True)
-    model.train()
-    while progress["step"] < steps:
-        t0 = time.time()
-        lr = sched.get_last_lr()[0]  # the lr this step uses; sched.step() below sets the next one
-        micro = [next(stream) for _ in range(args.grad_accum)]
-        # The loss is summed over answer tokens and divided by the step's answer tokens on all
-        # ranks, times the world size since DDP averages gradients: one process on the global batch.
-        n_answer = common.all_reduce(sum((b["targets"] != data.IGNORE).sum() for b in micro).float(), device)
-        sums = torch.zeros(2, len(ds.tasks), dtype=torch.float64, device=device)
-        aux_sum = torch.zeros((), device=device)
-        for i, b in enumerate(micro):
-            if ddp:  # gradients sync across ranks on the last micro-step only, set before its forward
-                model.require_backward_grad_sync = i == args.grad_accum - 1
-            with autocast:
-                losses = token_losses(model, b)  # (B, T)
-            aux = teamlora.adapter_aux_loss(raw, mask=b["mask"]).to(device)  # balance, over real tokens
-            loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
-            loss.backward()
-            sums += task_sums(b, losses.detach(), len(ds.tasks))
-            aux_sum += aux.detach() / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        rec = record(sums, aux_sum, micro, grad_norm, lr, time.time() - t0, progress, ds.tasks, world, device)
-        if master:
-            log.write(json.dumps(rec) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}")
-        if progress["step"] == steps or (args.save_every and progress["step"] % args.save_every == 0):
-            save(raw, adapter, base, opt, sched, progress, args, device)
-    bar.close()
+    with tqdm(total=steps, initial=progress["step"], desc=args.method, disable=not master, dynamic_ncols=True) as bar:
+        model.train()
+        while progress["step"] < steps:
+            t0 = time.time()
+            lr = sched.get_last_lr()[0]  # the lr this step uses; sched.step() below sets the next one
+            micro = [next(stream) for _ in range(args.grad_accum)]
+            # The loss is summed over answer tokens and divided by the step's answer tokens on all
+            # ranks, times the world size since DDP averages gradients: one process on the global batch.
+            n_answer = common.all_reduce(sum((b["targets"] != data.IGNORE).sum() for b in micro).float(), device)
+            sums = torch.zeros(2, len(ds.tasks), dtype=torch.float64, device=device)
+            aux_sum = torch.zeros((), device=device)
+            for i, b in enumerate(micro):
+                if ddp:  # gradients sync across ranks on the last micro-step only, set before its forward
+                    model.require_backward_grad_sync = i == args.grad_accum - 1
+                with autocast:
+                    losses = token_losses(model, b)  # (B, T)
+                aux = balance_loss(raw, b, args.balance, device)  # balance, over real tokens
+                loss = losses.sum() * world / n_answer + args.balance * aux / args.grad_accum
+                loss.backward()
+                sums += task_sums(b, losses.detach(), len(ds.tasks))
+                aux_sum += aux.detach() / args.grad_accum
+            grad_norm = sharding.plain(torch.nn.utils.clip_grad_norm_(params, args.clip or float("inf")))
+            totals = step_totals(sums, aux_sum, micro, grad_norm, world, device)  # the step's one collective
+            if check_finite(totals, progress, args, ds.tasks):  # else skipped (--skip-nonfinite), or Diverged
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            rec = record(totals, grad_norm, lr, time.time() - t0, progress, ds.tasks)
+            progress["data"] = advance(progress["data"], per_step, len(sampler), world)  # where the next step starts
+            if master:
+                write_record(log, rec, bar)
+            due = progress["step"] == steps or (args.save_every and progress["step"] % args.save_every == 0)
+            if due or totals["stop"]:
+                save(raw, adapter, base, opt, sched, progress, args, device)
+            if totals["stop"]:  # SIGTERM or SIGUSR1 on some rank, during this step or before it
+                preempted(progress, args)
     if master:
         log.close()
         write_summary(out, args, adapter, base, report, progress, steps)
+    del model, raw, params, opt, sched  # the training state goes before the evaluation's model comes
     if not args.no_eval:
-        final_eval(raw, tok, train_set, test_set, args, report, progress)
+        final_eval(base, tok, train_set, test_set, args, report, progress, device)
 
 
 def print_config(args, world, steps, report, tasks, n_train, n_test):
@@ -400,13 +636,19 @@ def write_summary(out, args, adapter, base, report, progress, steps):
     common.atomic_save(json.dumps(summary, indent=1), out / "summary.json")
 
 
-def final_eval(model, tok, train_set, test_set, args, report, progress):
-    """Score the test split (every rank scores its share, the majority baseline comes from the
-    training labels); rank 0 prints the tables and writes eval.json, predictions.jsonl, routing.png."""
+def final_eval(base, tok, train_set, test_set, args, report, progress, device):
+    """Score the test split as `eval.py --ckpt OUT` does: the run reloaded from OUT as eval.py loads
+    it (its dtype, no optimizer state or DDP/FSDP wrapper left), every rank its share, the majority
+    baseline from the training labels; rank 0 prints the tables and writes eval.json,
+    predictions.jsonl, routing.png."""
     if not test_set:
         if common.is_main():
             print(f"no test split in {args.data}: evaluation skipped")
         return
+    gc.collect()  # the training model's last references (DDP's reference cycle) go before the next one loads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model = evaluation.load_for_eval(common.read_checkpoint(args.out), base, device)
     predictions = []
     results = evaluation.evaluate(model, tok, test_set, args.seq_len, limit=args.eval_limit or None,
                                   majority=evaluation.majority_labels(train_set), predictions=predictions)
@@ -418,10 +660,18 @@ def final_eval(model, tok, train_set, test_set, args, report, progress):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv)
     with common.distributed(args.device, args.timeout) as (rank, world, device):
-        train(args, rank, world, device)  # returned: its DDP wrapper is freed before the group is destroyed
+        try:
+            return train(args, rank, world, device)  # returned: its DDP wrapper is freed before the group is destroyed
+        except (common.Stop, RuntimeError) as e:
+            if not isinstance(e, common.Stop) and not common.collective_failed(e):
+                raise  # a bug: its traceback
+            stop = one_line(e, argv, args, rank, world)
+        raise stop  # outside the except, nothing holds train()'s frames
 
 
 if __name__ == "__main__":
+    common.catch_stop_signals()
     cli(main)

@@ -388,7 +388,7 @@ def test_sampler_shards(temperature):
         assert not set(parts[0]) & set(parts[1]) and not set(parts[1]) & set(parts[2])
 
 
-# ----------------------------------------------------------------------------- tokenizer and pretraining text
+# ----------------------------------------------------------------------------- the tokenizer
 
 def test_tokenizer_trains_and_round_trips(tmp_path):
     texts = [f"Line {i}: the year 18{i % 100:02d} and a sum of {i * 37} pounds." for i in range(300)]
@@ -404,25 +404,6 @@ def test_tokenizer_trains_and_round_trips(tmp_path):
     assert "<0xE6>" in pieces and sp.unk_id() not in ids  # 漢 = E6 BC A2, by byte fallback
     again = data.train_tokenizer(texts, tmp_path / "again", vocab_size=300)
     assert again.read_bytes() == path.read_bytes()
-
-
-def test_pretraining_texts_and_lm_batches(sp_tokenizer):
-    train = [Example("t", "Name it.", "a cat", "SECRET", None), Example("u", "Pick.", "", "b", ["a", "b"]),
-             Example("u", "Pick again.", "x", "a", ["a", "b"])]
-    texts = list(data.pretraining_texts(train))
-    assert texts[0] == "PRIDE AND PREJUDICE" and len(texts) > 10000  # the corpus first
-    assert texts[-4:] == ["Name it.\na cat", "Pick.", "Pick again.\nx", "Answers: a, b"]
-    assert not any("SECRET" in t for t in texts)
-
-    tok = sp_tokenizer
-    stream = data.lm_stream(tok, ["one two", "three"])
-    assert stream.tolist() == tok.encode("one two", True, True) + tok.encode("three", True, True)
-    stream = torch.arange(100)
-    x, y = data.lm_batch(stream, 4, 16, torch.Generator().manual_seed(0))
-    assert x.shape == y.shape == (4, 16) and torch.equal(y, x + 1)
-    assert torch.equal(x, data.lm_batch(stream, 4, 16, torch.Generator().manual_seed(0))[0])
-    with pytest.raises(ValueError, match="seq_len"):
-        data.lm_batch(stream, 1, 100, torch.Generator())
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -462,7 +462,9 @@ def test_compare_averages_only_runs_that_differ_in_the_seed(tmp_path):
     assert lines[-4].startswith(str(elsewhere))
 
 
-@pytest.mark.parametrize("argv", [["--ckpt", "nowhere"], ["--compare", "nowhere"], ["--ckpt"]])
+@pytest.mark.parametrize("argv", [["--ckpt", "nowhere"], ["--compare", "nowhere"], ["--ckpt"],
+                                  ["--compare", "x", "--prompt", "hi"], ["--ckpt", "x", "--export", "y", "--prompt", "hi"],
+                                  ["--ckpt", "nowhere", "--prompt", "hi"]])
 def test_eval_user_errors_are_one_line_and_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         common.cli(ev.main, argv)

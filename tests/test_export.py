@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_model import hf_state, one_thread, tiny, tokens, write_hf  # noqa: F401 (one_thread: autouse fixture)
+from test_model import hf_state, tiny, tokens, write_hf
 
 import data
 import teamlora
@@ -27,6 +27,7 @@ from model import RMSNorm, Transformer, _unpermute_hf, ffn_hidden_dim, load_toke
 ROOT = Path(__file__).resolve().parent.parent
 META_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 HF_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class HFLlama(nn.Module):
@@ -157,7 +158,7 @@ def test_meta_base_and_full_fine_tuning(tmp_path):
     assert "convert_llama_weights_to_hf" in (tmp_path / "out" / "README.md").read_text()
 
 
-# ---- the commands: train.py, then eval.py --export and model.py --adapters --------------------
+# ---- the commands: train.py, then eval.py --export and eval.py --prompt -----------------------
 
 WORDS = "red green blue cat dog bird one two three tree river stone wind fire rain".split()
 
@@ -198,5 +199,41 @@ def test_commands_export_and_generate(tmp_path):
 
     prompt = "Repeat the last word. red cat"
     [new] = model.generate([tok.encode(prompt, bos=True, eos=False)], 6, eos_id=tok.eos_id)
-    printed = run("model.py", str(base_dir), "--adapters", str(out), "--prompt", prompt, "--max-new-tokens", "6")
+    printed = run("eval.py", "--ckpt", str(out), "--prompt", prompt, "--max-new-tokens", "6")
     assert printed == prompt + tok.decode(new) + "\n"
+
+
+def test_export_reads_no_weight_of_the_base(tmp_path, monkeypatch):
+    """eval.py --export builds the base on the meta device: not one weight file is read, and the
+    files it writes are those of an export from the fully loaded run."""
+    import eval as evaluation
+    import model as model_py
+    import train
+
+    rng = random.Random(0)
+    with open(tmp_path / "mix.jsonl", "w") as f:
+        for _ in range(8):
+            words = rng.sample(WORDS, 4)
+            f.write(json.dumps({"task": "copy", "instruction": "Repeat the last word.", "input": " ".join(words),
+                                "output": words[-1]}) + "\n")
+    base_dir = tmp_path / "base"
+    data.train_tokenizer([" ".join(rng.sample(WORDS, 6)) for _ in range(200)]
+                         + ["### Instruction:\nRepeat the last word.\n\n### Input:\n\n\n### Response:\n"] * 20,
+                         base_dir / "tokenizer", vocab_size=300)
+    write_hf(tiny(vocab_size=load_tokenizer(base_dir).n_words), base_dir)
+    out = tmp_path / "run"
+    train.main(["--base", str(base_dir), "--data", str(tmp_path / "mix.jsonl"), "--out", str(out), "--method",
+                "teamlora", "--rank", "2", "--experts", "2", "--targets", "wq,w2", "--seq-len", "64", "--batch-size",
+                "4", "--max-steps", "1", "--lr", "1e-2", "--no-eval"])
+    export_adapters(common.load_run(out)[0], json.loads((out / "summary.json").read_text())["config"], tmp_path / "ref")
+
+    def refuse(file):
+        raise AssertionError(f"{file} was read")
+
+    monkeypatch.setattr(model_py, "_read", refuse)
+    evaluation.main(["--ckpt", str(out), "--export", str(tmp_path / "meta")])
+    ref, got = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ref", "meta"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert len(ref) == 2 * 2 * 4  # 2 layers x (wq, w2) x (lora_A, lora_B, the router's lora_gate and lora_M)
+    ref_config, got_config = ((tmp_path / d / "teamlora_config.json").read_text() for d in ("ref", "meta"))
+    assert ref_config == got_config

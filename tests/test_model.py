@@ -16,13 +16,7 @@ from model import ModelArgs, Tokenizer, Transformer, apply_rotary_emb, ffn_hidde
 LLAMA31 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(seed=0, **overrides) -> Transformer:
@@ -437,3 +431,13 @@ def test_tokenizer_errors(tmp_path):
     except ImportError:
         with pytest.raises(ImportError, match="pip install tokenizers"):
             load_tokenizer(json_dir)
+
+
+def test_command_line_help_shows_the_defaults(capsys):
+    import model
+
+    with pytest.raises(SystemExit) as e:
+        model.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "(default: 32)" in text and "(default: The capital of France is)" in text
+    assert "'tiny'" in text and "--adapters" not in text  # a run's adapters: eval.py --ckpt OUT --prompt

@@ -123,11 +123,11 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     common.atomic_save({"step": 1}, path)
 
     def broken_save(obj, f):
-        Path(f).write_bytes(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(common.WriteFailed, match="disk full"):
         common.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
@@ -316,7 +316,7 @@ def test_a_crash_between_the_two_renames_leaves_a_loadable_pair(tmp_path, monkey
         replace(a, b)
 
     monkeypatch.setattr(common.os, "replace", die_on_second)
-    with pytest.raises(OSError):
+    with pytest.raises(common.WriteFailed):
         common.save_checkpoint(tmp_path, {"lora_A": torch.ones(2)}, state(2))
     monkeypatch.undo()
     ckpt = common.read_checkpoint(tmp_path)
@@ -342,8 +342,9 @@ def test_checkpoint_format_and_adapter_config_rebuilds(setup, tmp_path):
     out = tmp_path / "run"
     train.main(flags(setup, out, "--max-steps", "1", "--batch-size", "2", "--no-eval", "--method", "moelora"))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"config", "adapter", "base_path", "step", "train_time", "tokens", "loss", "optimizer",
-                         "scheduler", "rng", "data"}
+    assert set(ckpt) == {"config", "adapter", "base_path", "step", "train_time", "tokens", "loss", "skipped",
+                         "optimizer", "scheduler", "rng", "data"}
+    assert ckpt["data"] == {"epoch": 0, "offset": 2, "examples_seen": 2} and ckpt["skipped"] == 0
     assert ckpt["config"] == vars(train.get_args(flags(setup, out, "--max-steps", "1", "--batch-size", "2",
                                                        "--no-eval", "--method", "moelora")))
     assert ckpt["adapter"] == {"method": "moelora", "rank": 2, "experts": 2, "alpha": 32.0, "dropout": 0.05,
@@ -402,7 +403,7 @@ def test_a_checkpoint_with_only_tokenizer_json_trains_evaluates_and_generates(hf
     assert set(json.loads((out / "eval.json").read_text())["tasks"]) == {"color", "copy"}
     evaluation.main(["--ckpt", str(out), "--limit", "2", "--max-new-tokens", "2"])
     model_py.main([str(hf_base), "--prompt", "red cat", "--max-new-tokens", "3"])
-    model_py.main([str(hf_base), "--adapters", str(out), "--prompt", "red cat", "--max-new-tokens", "3"])
+    evaluation.main(["--ckpt", str(out), "--prompt", "red cat", "--max-new-tokens", "3"])  # with its adapters
     assert capsys.readouterr().out.count("red cat") == 2
 
 
@@ -560,3 +561,124 @@ def test_the_base_is_stored_as_given_and_found_after_a_move(setup, tmp_path, mon
         common.cli(evaluation.main, ["--ckpt", "moved/runs/a", "--limit", "1"])
     assert "say where it is now with --base" in capsys.readouterr().err
     evaluation.main(["--ckpt", "moved/runs/a", "--base", "moved/bases/tiny", "--limit", "1", "--max-new-tokens", "1"])
+
+
+# ---- issue 19: FSDP2, the final evaluation as eval.py's, the resume dict freed, --balance 0 ----
+
+
+def test_fsdp_two_gloo_ranks_equal_one_process_and_resume_bit_exact(setup, tmp_path):
+    """--fsdp on 2 gloo ranks: the losses, gradient norms and adapters of one process on the same
+    global batch; killed after its step-2 checkpoint and resumed, it ends bit-exact as the whole run."""
+    common_ = ["--max-steps", "3", "--dropout", "0", "--no-eval", "--grad-accum", "2", "--save-every", "2"]
+    run(flags(setup, tmp_path / "one", "--batch-size", "4", *common_))
+    run(flags(setup, tmp_path / "two", "--batch-size", "2", "--fsdp", *common_), nproc=2)
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    for a, b in zip(one, two, strict=True):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    a, b = adapters(tmp_path / "one"), adapters(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # Killed right after its step-2 checkpoint (the project's format, full tensors), resumed under FSDP.
+    cut = tmp_path / "cut"
+    die = tmp_path / "die_after_step_2.py"
+    die.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import common, train\n"
+                   "save = train.save\n"
+                   "def save_then_die(*a, **k):\n"
+                   "    save(*a, **k)\n"
+                   "    if a[5]['step'] == 2: raise SystemExit(3)\n"
+                   "train.save = save_then_die\n"
+                   "common.cli(train.main)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(die),
+           *flags(setup, cut, "--batch-size", "2", "--fsdp", *common_)]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode != 0 and [r["step"] for r in log(cut)] == [1, 2], res.stderr[-3000:]
+    ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(type(v) is torch.Tensor for s in ckpt["optimizer"]["state"].values()
+                                     for v in s.values())
+    run(flags(setup, cut, "--batch-size", "2", "--fsdp", *common_, "--resume"), nproc=2)
+    whole, resumed = adapters(tmp_path / "two"), adapters(cut)
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    assert [r["loss"] for r in log(cut)] == [r["loss"] for r in log(tmp_path / "two")]
+
+
+@pytest.mark.parametrize("method", ["lora", "teamlora", "full"])
+def test_final_evaluation_is_eval_py_s_on_the_run_it_saved(setup, tmp_path, monkeypatch, method):
+    """train.py's eval.json equals `eval.py --ckpt OUT`'s on every score (bf16 training on a CPU),
+    and the training model is gone when the evaluation's model loads (no optimizer state beside it)."""
+    import gc
+    import weakref
+    out, built, seen = tmp_path / method, [], []
+    build, evaluate = train.build, evaluation.evaluate
+
+    def recording_build(*a, **k):
+        made = build(*a, **k)
+        built.append(weakref.ref(made[2]))
+        return made
+
+    def checking_evaluate(*a, **k):
+        gc.collect()
+        seen.append(built[0]() is None)
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(train, "build", recording_build)
+    monkeypatch.setattr(evaluation, "evaluate", checking_evaluate)
+    train.main(flags(setup, out, "--method", method, "--dtype", "bfloat16", "--max-steps", "2", "--batch-size", "2"))
+    assert seen == [True]
+    trained = json.loads((out / "eval.json").read_text())
+    evaluation.main(["--ckpt", str(out), "--limit", "4"])
+    assert json.loads((out / "eval.json").read_text()) == trained
+
+
+def test_the_resume_dict_is_freed_once_restored(setup, tmp_path, monkeypatch):
+    """While a resumed run trains, the checkpoint dict it read (tensors, optimizer state) is gone."""
+    import gc
+    import weakref
+    args = flags(setup, tmp_path / "run", "--max-steps", "3", "--save-every", "2", "--batch-size", "2", "--no-eval")
+    save, read, record, refs, alive = train.save, common.read_checkpoint, train.record, [], []
+
+    def save_then_die(*a, **k):
+        save(*a, **k)
+        raise Crash
+
+    monkeypatch.setattr(train, "save", save_then_die)
+    with pytest.raises(Crash):
+        train.main(args)
+    monkeypatch.setattr(train, "save", save)
+
+    class Held(dict):  # a dict a weak reference can follow
+        pass
+
+    def reading(out):
+        refs.append(weakref.ref(ckpt := Held(read(out))))
+        return ckpt
+
+    def checking(*a, **k):
+        gc.collect()
+        alive.append(refs[0]() is not None)
+        return record(*a, **k)
+
+    monkeypatch.setattr(common, "read_checkpoint", reading)
+    monkeypatch.setattr(train, "record", checking)
+    train.main(args + ["--resume"])
+    assert len(refs) == 1 and alive == [False]  # step 3 ran without it
+
+
+def test_balance_0_never_computes_the_balance_term(setup, tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("adapter_aux_loss called at --balance 0")
+
+    monkeypatch.setattr(teamlora, "adapter_aux_loss", refuse)
+    train.main(flags(setup, tmp_path / "run", "--max-steps", "2", "--batch-size", "2", "--no-eval"))
+    assert [r["aux"] for r in log(tmp_path / "run")] == [0.0, 0.0]
+
+
+def test_compile_pads_lengths_to_a_multiple_of_64_without_changing_the_loss():
+    batch = data.collate([([5, 6, 7], [-100, 6, 7], 0), ([5, 6], [-100, 6], 1)], pad_id=0)
+    padded = train.pad_length(batch, 64, 100, 0)
+    assert padded["tokens"].shape == (2, 64) and padded["mask"].sum() == 5
+    assert (padded["targets"][:, 3:] == data.IGNORE).all() and torch.equal(padded["tokens"][:, :3], batch["tokens"])
+    assert train.pad_length(batch, 64, 40, 0)["tokens"].shape == (2, 40)  # never past the longest example
