@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import teamlora
+from common import check_device, cli
 from model import ModelArgs, Transformer
 
 DEFAULTS = {  # (mode, on a GPU) -> defaults of the flags left unset
@@ -312,6 +313,23 @@ def summarize(args, rows, groups, metrics, names):
     return table, targets
 
 
+def check_args(p, args):
+    """Each flag's rule (defaults resolved), before anything is built: one line naming the flag."""
+    for flag in ("dim", "hidden", "layers", "heads", "kv_heads", "vocab", "batch", "seq", "new_tokens", "rank",
+                 "repeats"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # None: unused in --layer mode
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if not all(k.strip().isdigit() and int(k) >= 1 for k in args.experts.split(",")):
+        p.error(f"--experts {args.experts}: must be comma-separated whole numbers, each at least 1")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout {args.dropout}: must be a probability in [0, 1)")
+    if not args.layer and (args.dim % args.heads or (args.dim // args.heads) % 2 or args.heads % args.kv_heads):
+        p.error(f"--dim {args.dim}, --heads {args.heads}, --kv-heads {args.kv_heads}: the heads must split dim "
+                "into even head sizes (RoPE pairs), and --kv-heads must divide --heads")
+    if args.json and Path(args.json).is_dir():
+        p.error(f"--json {args.json}: a directory, not a file")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layer", action="store_true", help="benchmark one adapted linear layer, not a model")
@@ -334,6 +352,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, help="timed rounds; the tables show medians")
     p.add_argument("--json", help="write every number (samples included) to this path")
     args = p.parse_args(argv)
+    if (why := check_device(args.device)) is not None:
+        p.error(f"--device {why}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mode = "layer" if args.layer else "model"
     for key, value in {**DEFAULTS[mode, device.type == "cuda"], **SHAPES.get(args.shape, {})}.items():
@@ -342,6 +362,7 @@ def main(argv=None):
     args.kv_heads = args.kv_heads or args.heads
     args.tied = getattr(args, "tied", False)  # set by a shape only
     args.warmup = 2 if device.type == "cuda" else 1
+    check_args(p, args)
     dtype = getattr(torch, args.dtype)
     groups = {int(k): group(int(k), args.rank, floor=args.layer) for k in args.experts.split(",")}
     specs = list({s.label: s for g in groups.values() for s in g}.values())  # LoRA r is shared by every k
@@ -376,4 +397,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

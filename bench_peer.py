@@ -14,12 +14,12 @@ later) after a warm-up; the table shows medians and ratios within the run.
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 import teamlora
+from common import UserError, cli
 from model import IGNORE, Transformer
 
 
@@ -29,7 +29,20 @@ def project(base, method, rank, experts, dropout):
     return model.train()
 
 
+def peer_modules():
+    """peft's LoraConfig and get_peft_model, transformers' AutoModelForCausalLM: not project
+    dependencies, so imported only when the benchmark runs (--help and the checks work without)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise UserError(f"bench_peer.py needs transformers and peft ({e}); they are not project dependencies: "
+                        "pip install transformers peft in a throwaway environment") from None
+    return LoraConfig, get_peft_model, AutoModelForCausalLM
+
+
 def peer(base, rank, dropout):
+    LoraConfig, get_peft_model, AutoModelForCausalLM = peer_modules()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=32, lora_dropout=dropout, target_modules=["gate_proj", "up_proj", "down_proj"])
     return get_peft_model(model, config).train()
@@ -39,6 +52,21 @@ def loss_fn(model, is_peer, x, y):
     if is_peer:  # shift_labels: the peer's loss on exactly these targets, no shift of its own
         return model(input_ids=x, labels=y, shift_labels=y).loss
     return model(x, y)
+
+
+def check_args(p, args):
+    """Each flag's rule, before a model is built: one line naming the flag (exit status 2)."""
+    for flag in ("batch", "seq", "answer", "rounds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.answer > args.seq:
+        p.error(f"--answer {args.answer}: at most --seq ({args.seq}) loss positions per row")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout {args.dropout}: must be a probability in [0, 1)")
+    if not args.steps or not set(args.steps.split(",")) <= {"lm", "ft"}:
+        p.error(f"--steps {args.steps}: comma-separated lm and/or ft")
+    if not (Path(args.base) / "config.json").is_file():
+        p.error(f"--base {args.base}: not a Hugging Face checkpoint directory (no config.json)")
 
 
 def main(argv=None):
@@ -51,6 +79,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", default="lm,ft", help="comma-separated: lm, ft")
     args = p.parse_args(argv)
+    check_args(p, args)
+    peer_modules()  # a missing peft is said before any model loads
     torch.manual_seed(0)
     models = {"project LoRA r32": (project(args.base, "lora", 32, 1, args.dropout), False),
               "project TeamLoRA k4 r8": (project(args.base, "teamlora", 8, 4, args.dropout), False),
@@ -105,4 +135,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

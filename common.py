@@ -14,6 +14,8 @@ A train.py output directory OUT holds (save_checkpoint and read_checkpoint, side
                            adapter    teamlora.add_adapters' keyword arguments (None for full)
                            base_path  the base model's directory as an absolute path (config's
                                       "base" keeps it as the user gave it: a Hub id, a relative path)
+                           data_path  the mixture's absolute path (None: the built-in one); config's
+                                      "data" keeps it as given (run_data says which one is read)
                            step, train_time, tokens, loss   progress: steps, seconds, input
                                       tokens of all ranks, the last step's loss
                            skipped    steps skipped for a non-finite loss (--skip-nonfinite)
@@ -26,10 +28,12 @@ A train.py output directory OUT holds (save_checkpoint and read_checkpoint, side
 Exit statuses (cli): 0 done; 1 a bug (its traceback); 2 a user's error; and a run that stopped
 itself, one line saying why: 3 stopped on SIGTERM/SIGUSR1 with a checkpoint of the step it
 finished (--resume continues); 4 a non-finite loss or gradient norm (nothing of that step applied);
-5 another rank died or did not answer within --timeout; 6 a file could not be written.
+5 another rank died or did not answer within --timeout; 6 a file could not be written; 141 the
+reader of the output stopped early (`| head`: quietly, as SIGPIPE ends other programs).
 """
 import gc
 import json
+import logging
 import os
 import signal
 import sys
@@ -89,9 +93,12 @@ class WriteFailed(Stop):
 
 def cli(main, argv=None):
     """Run main(argv); a user error prints `error: <message>` on one line and exits with status 2,
-    a Stop prints its line and exits with its status (the module docstring lists them)."""
+    a Stop prints its line and exits with its status (the module docstring lists them). Output piped
+    into a reader that stops early (`| head`) ends the program quietly."""
     try:
-        return main(argv)
+        result = main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return result
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -99,6 +106,9 @@ def cli(main, argv=None):
         if not e.once or os.environ.get("RANK", "0") == "0":  # the process group is gone by now
             print(e, file=sys.stderr)
         sys.exit(e.status)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush fails again
+        sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a program a closed pipe ended
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -107,6 +117,25 @@ def cli(main, argv=None):
 def default_device(device=None):
     """The device to run on: `device` if given, else cuda when there is a GPU, else cpu."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def check_device(name):
+    """Why torch cannot run this project on the device a --device flag names; None when it can
+    (and for None: the default device always works)."""
+    if name is None:
+        return None
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        return f"{name!r} is not a device torch knows (cpu, cuda or cuda:N)"
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "no GPU is visible to torch"
+        return f"{name}: {build}; use cpu, or leave --device out"
+    if kind == "cuda" and ":" in name and torch.device(name).index >= torch.cuda.device_count():
+        return f"{name}: torch sees {torch.cuda.device_count()} GPU(s)"
+    if kind not in ("cpu", "cuda"):
+        return f"{name}: this project runs on cpu or cuda"
+    return None
 
 
 @contextmanager
@@ -183,6 +212,15 @@ def all_reduce(t, device):
 # ----------------------------------------------------------------------------- files
 
 
+def save_safetensors(tensors, path, metadata=None):
+    """safetensors.torch.save_file, then the mode every other output has (0666 less the umask):
+    safetensors writes through a temporary file of its own, created 0600, and renames it."""
+    save_file(tensors, path, metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_tmp(obj, path, metadata=None):
     """Write obj next to path under a temporary name: text (a str), a safetensors file (path ends
     in .safetensors: a dict of tensors) or any torch object. Returns the temporary path; a write
@@ -192,7 +230,7 @@ def _write_tmp(obj, path, metadata=None):
         if isinstance(obj, str):
             tmp.write_text(obj)
         elif path.suffix == ".safetensors":
-            save_file(obj, tmp, metadata)
+            save_safetensors(obj, tmp, metadata)
         else:
             with open(tmp, "wb") as f:  # through Python's file, a failed write names its cause (ENOSPC...)
                 torch.save(obj, f)
@@ -312,6 +350,16 @@ def check_base(path):
     return load_tokenizer(path), checkpoint_args(path)
 
 
+def run_data(ckpt):
+    """The mixture a run trained on, for reading it again: the path as given while it still names
+    the same place from here (or the run stored none), else the absolute path stored at training
+    while that exists (run from another directory), else as given. None: the built-in mixture."""
+    given, path = ckpt["config"].get("data"), ckpt.get("data_path")
+    if given is None or path is None or Path(given).resolve() == Path(path) or not Path(path).exists():
+        return given
+    return path
+
+
 def open_run(out_dir, base=None):
     """(checkpoint, base directory, tokenizer) of a train.py output directory, its base checked
     (check_base) but not loaded. base: where the base model is now, if it moved since training
@@ -330,10 +378,54 @@ def open_run(out_dir, base=None):
     return ckpt, path, check_base(path)[0]
 
 
+# ----------------------------------------------------------------------------- the base, quantized or not
+
+QUANTIZE = ("nf4", "int8")  # train.py --quantize: bitsandbytes' Linear4bit (NF4) or Linear8bitLt (LLM.int8())
+
+
+def load_base(path, dtype=torch.float32, device="cpu", quantize=None):
+    """Transformer.from_pretrained, its block linear layers quantized if asked (QLoRA-style; a run's
+    config["quantize"]). A quantized base is read into CPU memory in float first, each layer is then
+    quantized as it moves to `device`: the device never holds the float base."""
+    if quantize is None:
+        return Transformer.from_pretrained(path, dtype=dtype, device=device)
+    model = Transformer.from_pretrained(path, dtype=dtype, device="cpu")
+    return quantize_base(model, quantize, device, compute_dtype=dtype).to(device)
+
+
+def quantize_base(model, kind, device, compute_dtype=torch.float32):
+    """Replace, in place, every nn.Linear of the transformer blocks (attention and FFN, not the
+    embeddings or the output layer, as QLoRA does) by bitsandbytes' frozen quantized layer on device:
+    nf4  Linear4bit, 4-bit NormalFloat in blocks of 64 with quantized block scales (QLoRA's double
+         quantization): 0.5 byte per weight + ~0.127 bit of scales; computes in compute_dtype
+    int8 Linear8bitLt (LLM.int8()): 1 byte per weight + one float32 scale per row; outlier inputs
+         (|x| > 6, transformers' default threshold) in 16 bits
+    bitsandbytes is what QLoRA and Hugging Face (transformers' BitsAndBytesConfig, PEFT) use, and it
+    runs both on CPUs too. Returns the model."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"--quantize {kind} needs bitsandbytes: pip install bitsandbytes") from None
+    for name, linear in [(n, m) for n, m in model.layers.named_modules() if type(m) is torch.nn.Linear]:
+        shape = (linear.in_features, linear.out_features, linear.bias is not None)
+        w = linear.weight.data
+        if kind == "nf4":
+            q = bnb.nn.Linear4bit(*shape, compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", module=q)
+        else:  # bitsandbytes would log on every forward that int8 inputs pass through float16
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+            q = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False, threshold=6.0, device="meta")
+            q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        q.bias = linear.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.layers.get_submodule(parent), child, q.to(device))  # .to quantizes
+    return model
+
+
 def load_model(ckpt, path, device="cpu", dtype=torch.float32):
-    """The base model at path with a checkpoint's trained tensors (adapters, or the fully
-    fine-tuned weights), in eval mode."""
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    """The base model at path (quantized as the run's was) with a checkpoint's trained tensors
+    (adapters, or the fully fine-tuned weights), in eval mode."""
+    model = load_base(path, dtype, device, ckpt["config"].get("quantize"))  # older runs: no "quantize"
     try:
         if ckpt["adapter"] is None:
             missing, unexpected = model.load_state_dict(ckpt["tensors"], strict=False)

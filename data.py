@@ -164,7 +164,7 @@ def _lines(path: Path, raw: bytes, problems: _Problems) -> Iterator[tuple[object
         try:
             yield json.loads(line.rstrip(b"\r")), f"{path}:{n}"
         except json.JSONDecodeError as e:
-            problems.add(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})")
+            problems.add(f"{path}:{n}: invalid JSON at column {e.colno}: {e.msg.removesuffix(' at')}")
         except UnicodeDecodeError as e:
             problems.add(f"{path}:{n}: invalid JSON, not UTF-8 ({e})")
 
@@ -189,7 +189,8 @@ def _array(path: Path, raw: bytes, problems: _Problems) -> Iterator[tuple[object
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            problems.add(f"{path}:{e.lineno}: record {i}: invalid JSON ({e.msg} at column {e.colno})")
+            problems.add(f"{path}:{e.lineno}: record {i}: invalid JSON at column {e.colno}: "
+                         f"{e.msg.removesuffix(' at')}")
             return
         line, counted = line + text.count(NEWLINE_STR, counted, pos), pos  # counted once, however long the file
         yield record, f"{path}:{line}: record {i}"
@@ -554,6 +555,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:  # common.cli's handling, without importing common.py (which imports this file)
         main()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `python data.py | head`: the reader stopped early; end quietly, as common.cli does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a program a closed pipe ended

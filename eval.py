@@ -4,7 +4,7 @@ baseline, and how the routed experts share the work of each task. Scoring, the t
 
     python eval.py --ckpt runs/teamlora                   # prints the tables, writes eval.json and predictions
     torchrun --nproc_per_node 8 eval.py --ckpt runs/teamlora --data my_mix/
-    python eval.py --compare runs/lora runs/teamlora      # one row per run
+    python eval.py --compare runs/lora runs/teamlora      # one row per setup, seeds grouped (mean ± sd)
     python eval.py --ckpt runs/teamlora --prompt "..."    # generate with the run's adapters instead
 
 A task with choices is scored by likelihood: every choice is appended to the prompt as the
@@ -492,6 +492,20 @@ def _router(summary):
     return (summary.get("adapter") or {}).get("router") or summary["config"].get("router") or "default"
 
 
+def _distinct(group):
+    """Refuse to count one run twice as two seeds of a setup (the sd would shrink): the same
+    directory named twice, or a copy of a run, whose summary.json (its training time to the
+    microsecond, tokens, final loss) is the other's. A run evaluated on other test examples is
+    another setup's row, not a seed, and may appear beside itself."""
+    seen = {}
+    for d, s, _ in group:
+        for key in (("dir", str(d.resolve())), ("summary", json.dumps(s, sort_keys=True))):
+            if key in seen:
+                what = "are one directory" if key[0] == "dir" else "are copies of one run (identical summary.json)"
+                raise UserError(f"--compare: {seen[key]} and {d} {what}: it would count as two seeds; name it once")
+            seen[key] = d
+
+
 def compare(out_dirs):
     """One row per setup (summary.json + eval.json): runs that differ only in the seed become one
     row, each number their mean ± sd. Columns: setup, cost, test examples, average, per-task
@@ -504,6 +518,7 @@ def compare(out_dirs):
         groups.setdefault(_setup(s, e, d / "summary.json"), []).append((d, s, e))
     rows = []
     for group in groups.values():
+        _distinct(group)
         d, s, e = group[0]
         c = s["config"]
 
@@ -595,13 +610,37 @@ def generate(out_dir, prompt, max_new_tokens=32, base=None, device=None):
     return prompt + tok.decode(new)
 
 
+def check_args(p, args):
+    """Every flag's rule, before a run, a mixture or a weight is read: one line naming the flag
+    (p.error: exit status 2)."""
+    for flag, least in (("limit", 0), ("batch_size", 1), ("max_new_tokens", 1)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least {least}")
+    if (why := common.check_device(args.device)) is not None:
+        p.error(f"--device {why}")
+    if not (args.ckpt or args.compare or (args.harness and args.base)):
+        p.error("one of --ckpt OUT, --compare OUT... or --base BASE --harness TASKS is needed")
+    if (args.harness_include or args.num_fewshot is not None) and not args.harness:
+        p.error("--harness-include and --num-fewshot go with --harness")
+    if args.harness and (args.compare or args.export or args.data or args.prompt is not None):
+        p.error("--harness runs lm-eval's tasks: it does not go with --compare, --export, --prompt or --data")
+    if args.prompt is not None and (not args.ckpt or args.export):
+        p.error("--prompt needs --ckpt OUT, and no --export")
+    if args.export and not args.ckpt:
+        p.error("--export needs --ckpt OUT")
+    if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
+        p.error(f"--export {args.export}: a file, not a directory")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--ckpt", metavar="OUT", help="a train.py output directory: prints the tables and writes "
                       "OUT/eval.json (what --compare reads), OUT/predictions.jsonl and OUT/routing.png, replacing "
                       "those of the final evaluation in training or of an earlier eval.py")
-    what.add_argument("--compare", nargs="+", metavar="OUT", help="print one row per evaluated run")
+    what.add_argument("--compare", nargs="+", metavar="OUT", help="evaluated runs (eval.json) side by side: one "
+                      "row per setup, the runs that differ only in --seed grouped into one (mean ± sd); a run "
+                      "named twice, or a copy of one, is refused")
     p.add_argument("--data", help="mixture to test on; its train split gives the majority baseline "
                    "(default: the one the run trained on)")
     p.add_argument("--base", help="where the base model is now, if it moved since training (default: where it was)")
@@ -618,30 +657,21 @@ def main(argv=None):
                    "include path)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per lm-eval task (default: the task's own, else 0)")
     p.add_argument("--export", metavar="DIR", help="instead of evaluating, write the run's adapters for "
-                   "Hugging Face models (LoRA: a PEFT directory; see export.py)")
+                   "Hugging Face models (LoRA: a PEFT directory; see export.py); an earlier export in DIR is "
+                   "replaced whole, a directory holding other files is refused")
     p.add_argument("--prompt", help="instead of evaluating, print this text and its greedy continuation by the run "
                    "(--ckpt); the text is the model's input as written (fine-tuned adapters expect the training "
                    "prompt template, data.py)")
     args = p.parse_args(argv)
-    if args.limit < 0:
-        p.error("--limit cannot be negative")
-    if not (args.ckpt or args.compare or (args.harness and args.base)):
-        p.error("one of --ckpt OUT, --compare OUT... or --base BASE --harness TASKS is needed")
-    if (args.harness_include or args.num_fewshot is not None) and not args.harness:
-        p.error("--harness-include and --num-fewshot go with --harness")
-    if args.harness and (args.compare or args.export or args.data or args.prompt is not None):
-        p.error("--harness runs lm-eval's tasks: it does not go with --compare, --export, --prompt or --data")
+    check_args(p, args)
     if args.harness:
         return run_harness(args)
     if args.prompt is not None:
-        if not args.ckpt or args.export:
-            p.error("--prompt needs --ckpt OUT, and no --export")
         print(generate(args.ckpt, args.prompt, args.max_new_tokens, args.base, args.device))
         return
     if args.export:
-        if not args.ckpt:
-            p.error("--export needs --ckpt OUT")
-        from export import export_adapters, load_adapters
+        from export import check_export_dir, export_adapters, load_adapters
+        check_export_dir(args.export)  # before anything is read
         export_adapters(*load_adapters(args.ckpt, base=args.base), args.export)  # the base's weights stay unread
         return
     if args.compare:
@@ -650,8 +680,8 @@ def main(argv=None):
     with common.distributed(args.device) as (rank, _, device):
         ckpt, base, tok = common.open_run(args.ckpt, args.base)  # the checks first, then the weights
         config = ckpt["config"]
-        data = args.data or config["data"]
-        train, test = load_mixture(data)
+        data = args.data or config["data"]  # as given, for eval.json; read from where the run found it
+        train, test = load_mixture(args.data or common.run_data(ckpt))
         if not test:
             raise UserError(f"no test split in {data}: nothing to evaluate (--data names a mixture with one)")
         model = load_for_eval(ckpt, base, device)

@@ -22,18 +22,27 @@ to Hugging Face's rotate-half order; lora_A and the routers read the layer's inp
 A base in Meta layout (params.json, e.g. the tiny base) exports the same way: the adapters then fit
 its Hugging Face conversion (transformers' convert_llama_weights_to_hf.py), which applies this same
 reordering to wq/wk.
+
+The directory is written whole under a temporary name, then put in place: exporting again into a
+former export replaces it entirely (no stale file of the earlier export stays). A directory that
+holds anything but an export's files is refused untouched, so a user's directory is never cleared.
 """
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 import common
 import teamlora
-from common import UserError
+from common import UserError, save_safetensors
 from model import Transformer, checkpoint_args
+
+# What an export writes: a directory holding only these (or nothing) is an earlier export, which a
+# new one replaces whole; any other file in it is the user's, and the export is refused.
+FILES = ("adapter_config.json", "teamlora_config.json", "adapter_model.safetensors", "README.md")
 
 HF_MODULES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
@@ -85,6 +94,29 @@ def load_adapters(out_dir, base=None):
     return model, ckpt["config"]
 
 
+def check_export_dir(out_dir):
+    """An export goes into a new or empty directory, or replaces an earlier export (only FILES, with
+    adapter_model.safetensors among them); a directory holding anything else is refused untouched."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--export {out}: a file, not a directory")
+    held = sorted(f.name for f in out.iterdir()) if out.is_dir() else []
+    foreign = [name for name in held if name not in FILES]
+    if foreign or (held and "adapter_model.safetensors" not in held):
+        raise UserError(f"--export {out} holds files that are not an export ({', '.join(foreign or held)}): "
+                        "export into a new or empty directory, or one that holds an earlier export")
+
+
+def replace_dir(tmp, out):
+    """tmp (complete) becomes out, and an earlier export in out goes whole: no stale file of it stays
+    beside the new ones (a PEFT adapter_config.json beside TeamLoRA tensors)."""
+    old = out.with_name(f"{out.name}.old{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_adapters(model, config, out_dir) -> Path:
     """Write the adapters of `model` (load_adapters or common.load_run of the run whose `config` it is) to out_dir."""
     layers = teamlora.adapter_layers(model)
@@ -92,7 +124,10 @@ def export_adapters(model, config, out_dir) -> Path:
         raise UserError(f"--export: the run fine-tuned every weight (--method {config['method']}); "
                         "there are no adapters to export")
     out, base = Path(out_dir), str(config["base"])
-    out.mkdir(parents=True, exist_ok=True)
+    check_export_dir(out)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # written whole, then put in out's place
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     state = hf_adapter_state(model)
     targets = sorted({hf_module(n).rsplit(".", 1)[-1] for n, _ in layers})
     if config["method"] == "lora":
@@ -102,7 +137,7 @@ def export_adapters(model, config, out_dir) -> Path:
                 "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,  # PEFT's scale: lora_alpha / r
                 "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
                 "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
-        (out / "adapter_config.json").write_text(json.dumps(peft, indent=2))
+        (tmp / "adapter_config.json").write_text(json.dumps(peft, indent=2))
         state = {f"base_model.model.{k}.weight": t for k, t in state.items()}
         usage = ("    from peft import PeftModel\n    from transformers import AutoModelForCausalLM\n"
                  f"    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r})")
@@ -110,19 +145,26 @@ def export_adapters(model, config, out_dir) -> Path:
         kwargs = {"method": config["method"], "rank": config["rank"], "experts": config["experts"],
                   "alpha": config["alpha"], "dropout": config["dropout"], "targets": targets,
                   "router": layers[0][1].router.kind}  # the router used, also when the run left it to the default
-        (out / "teamlora_config.json").write_text(json.dumps(kwargs, indent=2))
+        (tmp / "teamlora_config.json").write_text(json.dumps(kwargs, indent=2))
         usage = ("    import json, safetensors.torch, teamlora  # teamlora.py copied from the project\n"
                  "    from transformers import AutoModelForCausalLM\n"
                  f"    model = AutoModelForCausalLM.from_pretrained({base!r})\n"
                  f"    teamlora.add_adapters(model, **json.load(open({str(out / 'teamlora_config.json')!r}))).eval()\n"
                  "    teamlora.load_adapter_state_dict(model, safetensors.torch.load_file("
                  f"{str(out / 'adapter_model.safetensors')!r}))")
-    save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt", "base_model_name_or_path": base})
+    save_safetensors(state, tmp / "adapter_model.safetensors",
+                     metadata={"format": "pt", "base_model_name_or_path": base})
     note = ""
     if (Path(base) / "params.json").exists() and not (Path(base) / "config.json").exists():
         note = (f"\nnote: {base} is in Meta layout; load these adapters on its Hugging Face conversion "
                 "(transformers' convert_llama_weights_to_hf.py): their q/k rows already follow its order.\n")
-    (out / "README.md").write_text(f"# {config['method']} adapters for {base}\n\nTrained with the TeamLoRA "
+    if config.get("quantize"):  # the base's layers as the adapters saw them in training
+        hf = {"nf4": "load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True",
+              "int8": "load_in_8bit=True"}[config["quantize"]]
+        note += (f"\nnote: trained on a base quantized with bitsandbytes (--quantize {config['quantize']}); "
+                 f"to match training, load it with quantization_config=BitsAndBytesConfig({hf}).\n")
+    (tmp / "README.md").write_text(f"# {config['method']} adapters for {base}\n\nTrained with the TeamLoRA "
                                    f"reference implementation. Load them with\n\n{usage}\n{note}")
+    replace_dir(tmp, out)
     print(f"{config['method']}: {len(state)} adapter tensors -> {out}\n{usage}{note}")
     return out

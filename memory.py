@@ -47,11 +47,14 @@ SETUPS = [("LoRA r32", "lora", 32, 1), ("LoRA r128", "lora", 128, 1), ("MoELoRA 
           ("HydraLoRA k4 r32", "hydralora", 32, 4), ("TeamLoRA k4 r32", "teamlora", 32, 4), ("full", "full", 0, 0)]
 FFN = ("w1", "w2", "w3")
 BF16, F32 = 2, 4  # bytes
+# train.py --quantize nf4, per block weight: 4 bits, an 8-bit absmax per 64 weights and a float32 scale
+# per 256 such blocks (QLoRA's double quantization). The embeddings, norms and output layer stay bf16.
+NF4 = 0.5 + 1 / 64 + F32 / (64 * 256)
 
 
 def parameter_counts(args: ModelArgs, method, rank, experts):
-    """{"base", "trainable", "linear" (weights of nn.Linear layers), "block" (one block's)} from the
-    model built on the meta device."""
+    """{"base", "trainable", "linear" (weights of nn.Linear layers), "block_linear" (those of the
+    blocks: what --quantize quantizes), "block" (one block's)} from the model built on the meta device."""
     with torch.device("meta"):
         model = Transformer(args)
         if method != "full":
@@ -59,8 +62,10 @@ def parameter_counts(args: ModelArgs, method, rank, experts):
     report = teamlora.parameter_report(model)
     trainable = report["total"] if method == "full" else report["trainable"]
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    block_linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
     block = sum(p.numel() for p in model.layers[0].parameters())
-    return {"base": report["base"], "trainable": trainable, "linear": linear, "block": block}
+    return {"base": report["base"], "trainable": trainable, "linear": linear, "block_linear": block_linear,
+            "block": block}
 
 
 def saved_per_token(args: ModelArgs, method, rank, experts, dropout=0.05, device="cuda", targets=1.0,
@@ -125,13 +130,16 @@ def adapter_saved(method, r, k, d_in, d_out, dropout, device, grad_in):
 
 
 def peak(args: ModelArgs, method, rank, experts, world=8, fsdp=False, grad_checkpoint=False,
-         batch_size=4, seq_len=1024, dropout=0.05, counts=None):
-    """Bytes per GPU by component (see the module docstring), and "total". counts: parameter_counts'."""
+         batch_size=4, seq_len=1024, dropout=0.05, counts=None, nf4=False):
+    """Bytes per GPU by component (see the module docstring), and "total". counts: parameter_counts'.
+    nf4: the blocks' weights in 4 bits (train.py --quantize nf4, DDP); activations as for a bf16 base
+    (a frozen 4-bit layer saves only its packed weight for backward, as a frozen nn.Linear its weight)."""
     n = counts or parameter_counts(args, method, rank, experts)
     full = method == "full"
     shard = world if fsdp else 1
     tokens = batch_size * seq_len
-    out = {"weights": (n["base"] * (F32 if full else BF16) + (0 if full else n["trainable"] * F32)) / shard,
+    base = n["base"] * (F32 if full else BF16) - (n["block_linear"] * (BF16 - NF4) if nf4 else 0)
+    out = {"weights": (base + (0 if full else n["trainable"] * F32)) / shard,
            "gradients": n["trainable"] * F32 / shard,
            "ddp buckets": 0 if fsdp else n["trainable"] * F32,
            "adamw": 2 * n["trainable"] * F32 / shard,
@@ -182,6 +190,13 @@ def main(argv=None):
     print(head + "\n|" + "---|" * 6)
     for label, pct, cells in rows:
         print(f"| {label} | {pct:.2f} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    print(f"\nwith --quantize nf4 (the blocks' weights at {NF4:.3f} byte; DDP, as train.py runs it):")
+    print("| setup | DDP | DDP + ckpt |\n|---|---|---|")
+    for label, method, rank, experts in SETUPS[:-1]:  # full fine-tuning cannot train quantized weights
+        n = parameter_counts(margs, method, rank, experts)
+        cells = [peak(margs, method, rank, experts, a.world, False, ckpt, a.batch_size, a.seq_len, a.dropout, n,
+                      nf4=True)["total"] / 1e9 for ckpt in (False, True)]
+        print(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return rows
 
 

@@ -628,6 +628,8 @@ def main(argv=None):
     parser.add_argument("--prompt", default="The capital of France is", help="the text to continue (greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="at most this many tokens are generated")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     gpu = torch.cuda.is_available()
     dtype, device = (torch.bfloat16, "cuda") if gpu else (torch.float32, "cpu")
     tokenizer = load_tokenizer(args.checkpoint)  # the tokenizer first: a broken one is reported before the weights load
@@ -640,6 +642,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:  # common.cli's handling of a user's mistake, without importing common.py (which imports this file)
         main()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the output's reader stopped early: end quietly, as common.cli does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a program a closed pipe ended

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from common import cli, default_device
+from common import check_device, cli, default_device
 from data import Example, load_mixture, train_tokenizer
 from model import ModelArgs, Transformer, load_tokenizer, tiny_dir
 
@@ -123,7 +123,9 @@ def main(argv=None):
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     args = p.parse_args(argv)
     if args.steps < 1:
-        p.error("--steps must be at least 1")
+        p.error(f"--steps {args.steps}: must be at least 1")
+    if (why := check_device(args.device)) is not None:
+        p.error(f"--device {why}")
     print(f"tiny base of {args.steps} steps: {tiny_base(args.steps, default_device(args.device))}")
 
 

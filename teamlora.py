@@ -1,4 +1,4 @@
-"""TeamLoRA and its baselines as drop-in wrappers for nn.Linear. Imports only torch.
+"""TeamLoRA and its baselines as drop-in wrappers for nn.Linear (quantized ones too). Imports only torch.
 
 Copy this one file into any project:
 
@@ -57,6 +57,12 @@ Public API: add_adapters (its signature holds every default), mark_only_adapters
 adapter_state_dict, load_adapter_state_dict, adapter_aux_loss, merge_adapters, unmerge_adapters,
 routing_stats, routing_entropy, parameter_report, adapter_layers. Base tensors keep their names (`...w1.weight`);
 every adapter tensor's name starts with `lora_`, so base checkpoints load unchanged after injection.
+
+Quantized bases (QLoRA-style): any subclass of nn.Linear is adapted, e.g. a model loaded with
+transformers' BitsAndBytesConfig(load_in_4bit=True). Such a layer computes W0 x with its own forward
+(a 4-bit one dequantizes in its compute dtype), the adapters add delta(x) in float32, and its
+state-dict entries keep their names (`w1.weight`, `w1.weight.absmax`, ...). Only merging needs a
+plain nn.Linear: merge_adapters refuses a quantized base.
 """
 import math
 
@@ -153,29 +159,41 @@ def dropout_linear(x, A, dropout, training):
 
 
 class AdapterLinear(nn.Linear):
-    """Base of the wrappers: holds the frozen `weight`/`bias` of the nn.Linear it replaces, under
-    the same names, and adds delta(x). Subclasses set `lora_*` parameters and `delta`."""
+    """Base of the wrappers: holds the frozen `weight`/`bias` of the linear layer it replaces, under
+    the same names, and adds delta(x). Subclasses set `lora_*` parameters and `delta`.
+
+    The layer may be any nn.Linear subclass (bitsandbytes' 4-bit Linear4bit and 8-bit Linear8bitLt, a
+    layer with its own forward). Such a layer is kept as `self.base` and computes y with its own
+    forward, on the same weight and bias objects; it stays outside the module tree, so its tensors
+    keep their names (`w1.weight`, not `w1.base.weight`), and its own code writes and reads its extra
+    state-dict entries (bitsandbytes: `w1.weight.absmax`, `w1.weight.quant_map`, ..., `w1.SCB`).
+    A plain nn.Linear needs none of this: base is None and y = F.linear(x, weight, bias)."""
 
     routed = False
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout):
         nn.Module.__init__(self)  # reuse base's tensors: no new allocation, same state-dict names
+        # From the layer, not weight.shape: a packed 4-bit weight is (d_out d_in / 2, 1) uint8.
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        object.__setattr__(self, "base", None if type(base) is nn.Linear else base)  # an attribute, not a submodule
         self.rank, self.scale = rank, alpha / rank  # s = alpha / r, r the rank of one expert
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def _init_A(self, k, r):
         """k matrices A_i (r, d_in), (k, r, d_in), each kaiming-uniform as nn.Linear inits its weight
-        (bound 1 / sqrt(d_in)), drawn one after another: MoELoRA's A_i stacked are TeamLoRA's A."""
+        (bound 1 / sqrt(d_in)), drawn one after another: MoELoRA's A_i stacked are TeamLoRA's A.
+        Adapters are float32 on the layer's device, whatever the base's dtype (bf16, packed uint8)."""
         A = torch.empty(k, r, self.in_features, device=self.weight.device)
         for a in A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         return A
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        # A base with its own forward computes in its own dtype (bitsandbytes 4-bit: its compute_dtype)
+        # and returns y in x's dtype; delta below takes x as it came, like the base.
+        y = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
         if self.merged:
             return y
         # Adapters keep their own dtype (float32) when the base runs in bf16. Under autocast the
@@ -184,8 +202,44 @@ class AdapterLinear(nn.Linear):
             x = x.to(self.lora_A.dtype)
         return y + self.delta(x).to(y.dtype)
 
+    def cannot_merge(self):
+        """Why W0 + s B A cannot stand for this layer (merge raises it), or None."""
+        if self.base is not None:
+            return (f"its base is a {type(self.base).__name__}, not a plain nn.Linear: its weight is not the "
+                    "matrix W0 its forward multiplies by (a quantized weight is packed). Load the adapters on "
+                    "the unquantized base to merge them")
+        return None
+
+    # A base other than nn.Linear stays itself: what nn.Module does for a submodule, done by hand.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias, the lora_ tensors
+        if self.base is not None:  # then the base's entries as it writes them (bnb: packed weight + quant state)
+            self.base._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        n = len(unexpected)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if self.base is not None:  # what nn.Module did not know (bnb 8-bit: SCB), through the base's own loader
+            own = unexpected[n:] + [prefix + "weight", prefix + "bias"]
+            theirs = {k: v for k, v in state_dict.items() if k in own}
+            del unexpected[n:]
+            self.base._load_from_state_dict(theirs, prefix, local_metadata, strict, [], unexpected, errors)
+            self.weight, self.bias = self.base.weight, self.base.bias  # as it loaded them (assign=True replaces)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # .to(), .float(), ...: may replace weight and bias by new tensors
+        if self.base is not None:
+            self.base.weight, self.base.bias = self.weight, self.bias
+        return self
+
+    def train(self, mode=True):
+        if self.base is not None:
+            self.base.train(mode)  # bitsandbytes' forwards read their own `training`
+        return super().train(mode)
+
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, rank={self.rank}, scale={self.scale:g}"
+        base = "" if self.base is None else f", base={type(self.base).__name__}"
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, scale={self.scale:g}{base}"
 
 
 class RoutedLinear(AdapterLinear):
@@ -204,11 +258,12 @@ class RoutedLinear(AdapterLinear):
         self.last_weights = w
         return w
 
+    def cannot_merge(self):
+        return ("its expert weights depend on each token (w(x)), so sum_i w_i(x) B_i A_i is no fixed matrix. "
+                "Only LoRA merges; keep routed adapters unmerged")
+
     def merge(self, sign=1.0):
-        raise ValueError(
-            f"{type(self).__name__} cannot be merged into W0: its expert weights depend on each token "
-            "(w(x)), so sum_i w_i(x) B_i A_i is no fixed matrix. Only LoRA merges; keep routed adapters unmerged."
-        )
+        raise ValueError(f"{type(self).__name__} cannot be merged into W0: {self.cannot_merge()}")
 
 
 class TeamLoRALinear(RoutedLinear):
@@ -252,6 +307,8 @@ class LoRALinear(AdapterLinear):
     def merge(self, sign=1.0):
         if self.merged == (sign > 0):
             return
+        if self.cannot_merge():
+            raise ValueError(f"{type(self).__name__} cannot be merged into W0: {self.cannot_merge()}")
         dW = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)
         self.weight.add_((sign * dW).to(self.weight.dtype))
         self.merged = sign > 0
@@ -296,9 +353,10 @@ METHODS = tuple(WRAPPERS)
 
 
 def add_adapters(model, method, rank, experts=4, alpha=32.0, dropout=0.05, targets=FFN_TARGETS, router=None):
-    """Replace every nn.Linear whose module name ends in one of `targets` by `method`'s wrapper,
-    then freeze everything but the adapters. `rank` is the per-expert rank r, `experts` is k;
-    `router=None` picks the method's own (teamlora: shapley, others: softmax). Returns the model.
+    """Replace every nn.Linear (or subclass: bitsandbytes' 4-/8-bit layers) whose module name ends in
+    one of `targets` by `method`'s wrapper, then freeze everything but the adapters. `rank` is the
+    per-expert rank r, `experts` is k; `router=None` picks the method's own (teamlora: shapley,
+    others: softmax). Returns the model.
     These keyword arguments are the whole adapter config: `add_adapters(model, **config)` rebuilds it."""
     if method not in WRAPPERS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -310,7 +368,8 @@ def add_adapters(model, method, rank, experts=4, alpha=32.0, dropout=0.05, targe
     elif router not in (None, "softmax"):
         raise ValueError(f"method 'lora' has no router, got router={router!r}")
     targets = set(targets)
-    found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets]
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not isinstance(m, AdapterLinear) and n.rsplit(".", 1)[-1] in targets]
     if not found:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear named {sorted(targets)} in the model; its linear layers are named {names}")
@@ -408,8 +467,13 @@ def routing_stats(model, mask=None):
 
 
 def merge_adapters(model):
-    """Fold LoRA into W0 for inference (raises on routed methods)."""
-    for _, layer in adapter_layers(model):
+    """Fold LoRA into W0 for inference. Raises, before any layer changes, where one cannot merge: a
+    routed method, or a base other than a plain nn.Linear (a quantized one)."""
+    layers = adapter_layers(model)
+    for name, layer in layers:
+        if layer.cannot_merge():
+            raise ValueError(f"{name} ({type(layer).__name__}) cannot be merged into W0: {layer.cannot_merge()}")
+    for _, layer in layers:
         layer.merge(+1.0)
 
 
@@ -424,11 +488,14 @@ def parameter_report(model):
     trainable, and the trainable share of the base model in percent."""
     count = {"adapter": 0, "router": 0, "total": 0, "trainable": 0}
     for n, p in model.named_parameters():
-        leaf = n.rsplit(".", 1)[-1]
-        count["total"] += p.numel()
-        count["trainable"] += p.numel() if p.requires_grad else 0
+        owner, _, leaf = n.rpartition(".")
+        layer, numel = model.get_submodule(owner), p.numel()
+        if leaf == "weight" and isinstance(layer, nn.Linear):  # a packed (quantized) weight: the matrix it stands for
+            numel = layer.in_features * layer.out_features
+        count["total"] += numel
+        count["trainable"] += numel if p.requires_grad else 0
         if leaf.startswith(PREFIX):
-            count["router" if ".router." in f".{n}" else "adapter"] += p.numel()
+            count["router" if ".router." in f".{n}" else "adapter"] += numel
     count["base"] = count["total"] - count["adapter"] - count["router"]
     count["trainable_pct"] = 100.0 * count["trainable"] / max(count["base"], 1)
     return count

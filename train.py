@@ -1,7 +1,8 @@
 """Fine-tune a LLaMA on a multi-task mixture with TeamLoRA or a baseline, in plain PyTorch DDP.
 
-    python train.py --base tiny                          # CPU quick start: tiny base + built-in mixture
-    python train.py --method lora --rank 32              # SmolLM2-135M-Instruct, the cpu preset on a CPU
+    python train.py --method teamlora                    # quick start: SmolLM2-135M-Instruct (the Hub), cpu preset
+    python train.py --method lora --rank 32 --base tiny  # offline: the built-in tiny base, pretrained on first use
+    python train.py --out runs/teamlora --resume         # continue a run with its own flags
     torchrun --nproc_per_node 8 train.py --base /ckpt/Llama-2-7b-hf --data my_mix/ --rank 32
 
 One process per device: nccl on GPUs, gloo on CPUs. OUT holds adapters.safetensors, checkpoint.pt
@@ -36,6 +37,7 @@ import pretrain
 import sharding
 import teamlora
 from common import UserError, cli
+from export import HF_MODULES
 from model import Transformer
 
 # The defaults of the flags whose help says "preset". tiny: the quick start on the tiny base.
@@ -93,6 +95,8 @@ def get_args(argv=None):
     p.add_argument("--task-cap", type=int, help="at most this many training examples per task (default: all)")
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 autocast on GPUs, else float32")
+    p.add_argument("--quantize", choices=common.QUANTIZE, help="load the frozen base's block layers quantized "
+                   "with bitsandbytes (QLoRA-style: nf4 = 4-bit NormalFloat, int8 = LLM.int8()); default: not")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (lengths padded "
                    "to a multiple of 64 so few shapes recompile); the first steps pay minutes of compiling: "
@@ -102,7 +106,8 @@ def get_args(argv=None):
                    "would not fit, README)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward")
     again = p.add_mutually_exclusive_group()  # without either, an OUT that holds a run is refused
-    again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt; "
+                       "training flags left out take the run's values, those given must match them")
     again.add_argument("--overwrite", action="store_true", help="replace the run that OUT holds, finished or not")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps; 0 = only at the end")
     p.add_argument("--eval-limit", type=int, help="test examples per task at the end; 0 = all " + preset("eval_limit"))
@@ -110,25 +115,110 @@ def get_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=700, help="steps of the tiny base's pretraining")
     p.add_argument("--timeout", type=float, default=30.0, help="minutes before a collective gives up on a dead rank")
     args = p.parse_args(argv)
+    args.out = args.out or f"runs/{args.method}"
+    if args.resume:
+        take_stored_flags(p, argv, args)
     if args.preset is None:
-        gpu = common.default_device(args.device).type == "cuda"
+        gpu = not common.check_device(args.device) and common.default_device(args.device).type == "cuda"
         args.preset = "tiny" if args.base == "tiny" else "paper" if gpu else "cpu"
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.out = args.out or f"runs/{args.method}"
-    for flag in ("rank", "experts", "batch_size", "grad_accum", "seq_len"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.temperature <= 0 or (args.task_cap is not None and args.task_cap < 1):
-        p.error("--temperature must be positive and --task-cap at least 1")
-    if min(args.max_steps, args.save_every, args.eval_limit) < 0:
-        p.error("--max-steps, --save-every and --eval-limit cannot be negative")
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Every flag's rule, before any data, base or tiny base is read or built: a flag that breaks
+    one is refused in one line naming it and the rule (p.error: exit status 2)."""
+    for flag, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{flag.replace('_', '-')} {value}: must be a finite number")
+    rules = {"rank": (args.rank >= 1, "at least 1"), "experts": (args.experts >= 1, "at least 1"),
+             "alpha": (args.alpha > 0, "positive (the adapter scale is alpha / r)"),
+             "dropout": (0 <= args.dropout < 1, "a probability in [0, 1)"),
+             "balance": (args.balance >= 0, "0 (off) or positive"), "epochs": (args.epochs > 0, "positive"),
+             "max_steps": (args.max_steps >= 0, "0 (use --epochs) or more"),
+             "batch_size": (args.batch_size >= 1, "at least 1"), "grad_accum": (args.grad_accum >= 1, "at least 1"),
+             "seq_len": (args.seq_len >= 1, "at least 1"), "lr": (args.lr > 0, "positive"),
+             "warmup": (0 <= args.warmup < 1, "a fraction of the steps in [0, 1)"),
+             "weight_decay": (args.weight_decay >= 0, "0 or positive"),
+             "clip": (args.clip >= 0, "0 (off) or positive: the largest gradient norm"),
+             "temperature": (args.temperature > 0, "positive"),
+             "task_cap": (args.task_cap is None or args.task_cap >= 1, "at least 1"),
+             "save_every": (args.save_every >= 0, "0 (only at the end) or more"),
+             "eval_limit": (args.eval_limit >= 0, "0 (all) or more"),
+             "pretrain_steps": (args.pretrain_steps >= 1, "at least 1"),
+             "timeout": (args.timeout > 0, "positive (minutes)"),
+             "skip_nonfinite": (args.skip_nonfinite >= 0, "0 (stop at the first) or more")}
+    for flag, (ok, rule) in rules.items():
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {rule}")
     if args.method == "lora" and args.router:
         p.error("--router: method lora has no router")
-    if args.skip_nonfinite < 0:
-        p.error("--skip-nonfinite cannot be negative")
-    return args
+    if args.method == "full" and args.quantize:
+        p.error("--quantize: --method full trains every weight, and quantized weights cannot be trained")
+    if args.fsdp and args.quantize:
+        p.error("--quantize: not with --fsdp (bitsandbytes' packed weights are not sharded; DDP holds a 4-bit base)")
+    if (why := common.check_device(args.device)) is not None:
+        p.error(f"--device {why}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out}: a file, not a directory")
+    if args.method != "full":
+        try:
+            targets = model_targets(args.targets)
+        except ValueError as e:
+            p.error(f"--targets {e}")
+        if "output" in targets and args.method != "lora":
+            # model.forward runs the output layer at the answer tokens only, so its router would see
+            # other tokens than the balance term's mask and the routing statistics cover
+            p.error(f"--targets output: {args.method} routes every token of a layer, but the output layer runs "
+                    "only at the answer tokens; adapt it with --method lora, or leave it out")
+
+
+# model.py's linear layers by their Meta names, each with its Hugging Face name (export.py's table):
+# --targets takes either, whatever the base's layout, since model.py always uses Meta's.
+HF_NAMES = {**{m.rsplit(".", 1)[1]: hf.rsplit(".", 1)[1] for m, hf in HF_MODULES.items()}, "output": "lm_head"}
+
+
+def model_targets(names):
+    """--targets in model.py's names, each once (Hugging Face's translated: q_proj -> wq, ...).
+    A name that is no linear layer of model.py's Transformer, under either naming, is an error."""
+    meta = {hf: m for m, hf in HF_NAMES.items()}
+    unknown = [n for n in names if n not in HF_NAMES and n not in meta]
+    if not names:
+        raise ValueError("names no layer")
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a linear layer of the model; its layers are "
+                         f"{', '.join(HF_NAMES)}, or by their Hugging Face names {', '.join(meta)}")
+    return list(dict.fromkeys(meta.get(n, n) for n in names))
+
+
+def take_stored_flags(p, argv, args):
+    """--resume: every training flag not on the command line takes the run's stored value; those
+    given must match it (read_resume). Flags of common.RUN_ONLY (--device, --no-eval, --save-every
+    ...) say how this command runs, and keep this command's values, given or default.
+    The run's data is found as eval.py finds it (common.run_data). Reads OUT/checkpoint.pt
+    mapped, not loaded: nothing is built yet."""
+    out = Path(args.out)
+    if not (out / common.CHECKPOINT).is_file():
+        if (out / "log.jsonl").exists():
+            raise UserError(f"--resume: {out} holds a run that stopped before its first checkpoint ({out / 'log.jsonl'}"
+                            f", no {common.CHECKPOINT}): there is nothing to resume; --overwrite starts it again")
+        raise UserError(f"--resume: no {out / common.CHECKPOINT}: there is no run to resume; start without --resume")
+    try:
+        ckpt = torch.load(out / common.CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a truncated, foreign or old (not mappable) file: read_resume says which
+        raise common.CheckpointError(f"{out / common.CHECKPOINT}: not a readable checkpoint ({e})") from e
+    if "adapter" not in ckpt:  # the older single-file format: read_resume refuses it
+        return
+    unset = object()  # parsed again into a namespace that holds every flag: argparse sets only those given
+    given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
+             if v is not unset}
+    stored = {**ckpt["config"], "data": common.run_data(ckpt)}
+    for k, v in stored.items():
+        if k in vars(args) and k not in given and k not in common.RUN_ONLY:
+            setattr(args, k, v)
 
 
 # ----------------------------------------------------------------------------- building the run
@@ -137,7 +227,7 @@ def get_args(argv=None):
 def adapter_kwargs(args):
     """teamlora.add_adapters' keyword arguments from the flags (no router flag: add_adapters picks)."""
     kwargs = dict(method=args.method, rank=args.rank, experts=args.experts, alpha=args.alpha,
-                  dropout=args.dropout, targets=args.targets)
+                  dropout=args.dropout, targets=model_targets(args.targets))
     if args.router:
         kwargs["router"] = args.router
     return kwargs
@@ -175,11 +265,11 @@ def build(args, device):
     bf16 = use_bf16(args, device) and device.type == "cuda"
     dtype = torch.bfloat16 if bf16 and args.method != "full" else torch.float32
     torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and every run
-    if use_fsdp(args, config, device):
+    if not args.quantize and use_fsdp(args, config, device):  # a quantized base: DDP (get_args refuses --fsdp)
         model, adapter = sharding.build(base, config, lambda m: attach(m, args), device, dtype,
                                         torch.bfloat16 if bf16 and args.method == "full" else None)
     else:
-        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+        model = common.load_base(base, dtype, device, args.quantize)
         adapter = attach(model, args)
     model.gradient_checkpointing = args.grad_checkpoint
     return base.resolve(), tok, model, adapter, train, test
@@ -278,6 +368,9 @@ def check_out(args):
     out = Path(args.out)
     held = [f for f in (common.CHECKPOINT, "log.jsonl") if (out / f).exists()]
     if held and not (args.resume or args.overwrite):
+        if common.CHECKPOINT not in held:
+            raise UserError(f"--out {out} holds a run that stopped before its first checkpoint (log.jsonl only): "
+                            "--overwrite starts it again (--resume has nothing to continue)")
         raise UserError(f"--out {out} holds a run already ({', '.join(held)}): --resume continues it, "
                         "--overwrite replaces it")
 
@@ -299,7 +392,7 @@ def read_resume(args, world):
     ckpt = common.read_checkpoint(out)
     if ckpt.get("legacy"):
         raise UserError(f"--resume: {out} was written by an older train.py; eval.py reads it, resuming needs a new run")
-    now, then = vars(args), ckpt["config"]
+    now, then = vars(args), as_stored(ckpt, vars(args))
     was, will = layout(len(ckpt["rng"]), then), layout(world, now)
     split = ("batch_size", "grad_accum") if was[1] == will[1] else ()  # the global batch holds: its split may change
     changed = [f"--{k.replace('_', '-')} {then.get(k)} (now {now[k]})" for k in now
@@ -314,6 +407,19 @@ def read_resume(args, world):
               "mixture's stream; not exact: each rank's dropout stream (new ones, from --seed, rank and step) and "
               "the order of floating-point sums")
     return ckpt
+
+
+def as_stored(ckpt, now):
+    """The run's stored flags, with --base and --data as this command gives them where they name
+    the stored place another way (a relative path from elsewhere), and --base as given when the
+    stored base directory is gone (the base moved: the command says where it is now)."""
+    then = dict(ckpt["config"])
+    for flag, path in (("base", ckpt.get("base_path")), ("data", ckpt.get("data_path"))):
+        given = now[flag]
+        if given and path and given != then.get(flag) and \
+                (Path(given).resolve() == Path(path) or (flag == "base" and not Path(path).is_dir())):
+            then[flag] = given
+    return then
 
 
 def layout(world, config):
@@ -376,7 +482,8 @@ def save(model, adapter, base, opt, sched, progress, args, device):
         tensors = sharding.gather(common.trained_tensors(model, adapter), main)
         optimizer = sharding.gather_optimizer(opt, main)
     if main:
-        state = {"config": vars(args), "adapter": adapter, "base_path": str(base), **progress,  # data: where step+1 starts
+        state = {"config": vars(args), "adapter": adapter, "base_path": str(base), "data_path": data_path(args),
+                 **progress,  # data: where step+1 starts
                  "optimizer": optimizer or opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}
         common.save_checkpoint(args.out, tensors or common.trained_tensors(model, adapter), state)
 
@@ -627,9 +734,15 @@ def print_config(args, world, steps, report, tasks, n_train, n_test):
           f"({report['trainable_pct']:.3f}%; router {report['router']:,})")
 
 
+def data_path(args):
+    """The mixture's absolute path, stored beside --data as given (None: the built-in mixture)."""
+    return str(Path(args.data).resolve()) if args.data else None
+
+
 def write_summary(out, args, adapter, base, report, progress, steps):
     """summary.json: the run's config, cost and final loss (eval.py --compare reads it)."""
-    summary = {"config": vars(args), "adapter": adapter, "base_path": str(base), "trainable": report["trainable"],
+    summary = {"config": vars(args), "adapter": adapter, "base_path": str(base), "data_path": data_path(args),
+               "trainable": report["trainable"],
                "trainable_pct": report["trainable_pct"], "router_params": report["router"], "steps": steps,
                "train_time_s": progress["train_time"], "tokens": progress["tokens"],
                "tokens_per_s": progress["tokens"] / max(progress["train_time"], 1e-9), "final_loss": progress["loss"]}

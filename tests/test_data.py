@@ -108,7 +108,7 @@ def test_every_bad_line_is_reported(tmp_path):
     with pytest.raises(data.DataError) as err:
         data.load_mixture(mix)
     assert str(err.value).splitlines() == [
-        f"{train}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{train}:2: invalid JSON at column 2: Expecting property name enclosed in double quotes",
         f"{train}:3: unknown key 'ouput' (allowed: task, instruction, input, output, choices, answer)",
         f"{train}:6: field 'output' must be a string, got int",
         f"{test}:1: output 'perhaps' is not one of its choices ['yes', 'no']",
@@ -204,10 +204,10 @@ def test_a_broken_json_array_is_reported_at_its_record(tmp_path):
         data.read_jsonl(path)
     assert str(err.value).splitlines() == [
         f"{path}:3: record 1: unknown key 'ouput' (allowed: task, instruction, input, output, choices, answer)",
-        f"{path}:4: record 2: invalid JSON (Expecting property name enclosed in double quotes at column "
-        f"{len(good) + 1})"]
+        f"{path}:4: record 2: invalid JSON at column {len(good) + 1}: Expecting property name enclosed in "
+        "double quotes"]
     for text, message in [(f"[{good} {good}]", "1: after record 0: expected ',' or ']'"),
-                          (f"[{good},\n]", "2: record 1: invalid JSON (Expecting value"),
+                          (f"[{good},\n]", "2: record 1: invalid JSON at column 1: Expecting value"),
                           (f"[{good}]\n[]", "2: text after the array's closing ']'"),
                           (f"[{good}", "1: after record 0: expected ',' or ']'")]:
         path.write_text(text)
@@ -437,7 +437,7 @@ def test_command_line(tmp_path):
     out = run("data.py", str(mix))
     assert (out.returncode, out.stdout) == (2, "")
     assert out.stderr.splitlines() == [
-        f"error: {mix}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"error: {mix}:2: invalid JSON at column 2: Expecting property name enclosed in double quotes",
         f"{mix}:3: field 'task' is empty"]
     out = run("-c", "import model")
     assert (out.returncode, out.stderr) == (0, "")

@@ -342,13 +342,13 @@ def test_checkpoint_format_and_adapter_config_rebuilds(setup, tmp_path):
     out = tmp_path / "run"
     train.main(flags(setup, out, "--max-steps", "1", "--batch-size", "2", "--no-eval", "--method", "moelora"))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"config", "adapter", "base_path", "step", "train_time", "tokens", "loss", "skipped",
-                         "optimizer", "scheduler", "rng", "data"}
+    assert set(ckpt) == {"config", "adapter", "base_path", "data_path", "step", "train_time", "tokens", "loss",
+                         "skipped", "optimizer", "scheduler", "rng", "data"}
     assert ckpt["data"] == {"epoch": 0, "offset": 2, "examples_seen": 2} and ckpt["skipped"] == 0
     assert ckpt["config"] == vars(train.get_args(flags(setup, out, "--max-steps", "1", "--batch-size", "2",
                                                        "--no-eval", "--method", "moelora")))
     assert ckpt["adapter"] == {"method": "moelora", "rank": 2, "experts": 2, "alpha": 32.0, "dropout": 0.05,
-                               "targets": list(teamlora.FFN_TARGETS), "router": "softmax"}  # as used
+                               "targets": ["w1", "w2", "w3"], "router": "softmax"}  # as used, in model.py's names
     model = Transformer.from_pretrained(setup[0])
     teamlora.add_adapters(model, **ckpt["adapter"])
     teamlora.load_adapter_state_dict(model, load_file(out / "adapters.safetensors"))
@@ -444,7 +444,7 @@ def test_data_and_flags_are_checked_before_the_weights_load(hf_base, setup, tmp_
     mix = broken_mixture(tmp_path)
     no_weights(monkeypatch)
     for mixture, argv, named in ((mix, [], f"{mix / 'train.jsonl'}:3"),
-                                 (setup[1], ["--targets", "wq_typo"], "no nn.Linear named ['wq_typo']")):
+                                 (setup[1], ["--targets", "wq_typo"], "wq_typo: not a linear layer")):
         with pytest.raises(SystemExit):
             common.cli(train.main, flags((hf_base, mixture), tmp_path / "run", *argv))
         assert named in capsys.readouterr().err
