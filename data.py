@@ -10,30 +10,40 @@ JSON Lines file to a batch of token ids (the tiny base's corpus and pretraining 
     for i in range(0, len(order), batch_size):
         batch = data.collate([ds[j] for j in order[i:i + batch_size]], tok.pad_id)
 
-`python data.py [MIXTURE]` checks a mixture and prints its tasks and label counts.
+`python data.py [MIXTURE]` checks a mixture and prints what it read: files, tasks, label counts.
 
-The format: JSON Lines, one example per line (blank lines are skipped),
+The format: JSON Lines, one example per line (blank lines are skipped), or a JSON array of the
+same objects (a file that starts with "[", e.g. Alpaca's alpaca_data.json or LLM-Adapters'
+commonsense_170k.json, read as they are),
 
     {"task": "nli", "instruction": "Does the premise entail the hypothesis? ...",
      "input": "Premise: ... Hypothesis: ...", "output": "neutral",
      "choices": ["entailment", "neutral", "contradiction"]}
 
 task, instruction, input and output are strings (task and output not empty; input may be
-empty). choices is optional: a list of two or more distinct strings that contains output; it
+empty or left out). task is optional: a record without one takes its file's name
+(commonsense_170k for commonsense_170k.json.gz), or its directory's for a mixture directory's
+train and test files. choices is optional: a list of two or more distinct strings that contains output; it
 makes the example scorable by likelihood (each choice's answer tokens are scored, the best
 wins). A task with choices is a classification over one set of labels: every example of the
 task, in train and in test, has the same choices (in any order), and a task has choices on
 all of its examples or on none. For multiple-choice questions put each question's options in
-the input and make the choices their labels ("A", "B", ...). Any other key is an error, so a
-misspelt "ouput" cannot silently drop data.
+the input and make the choices their labels ("A", "B", ...). answer is optional: the short
+answer inside a long output (LLM-Adapters' "the correct answer is true" has answer "true"; a
+number is taken as its text), kept on the Example for evaluation; training learns output. Any
+other key is an error, so a misspelt "ouput" cannot silently drop data.
 
-A mixture is either a directory holding train.jsonl and test.jsonl (either may be gzipped,
-train.jsonl.gz), or a single .jsonl (.jsonl.gz) file: all of it is training data and the test
-split is empty. Every task in test must have training examples. Every problem is reported at
-once, in one DataError, a line each naming the file and line (the first 20, then how many more):
+A mixture is either a directory holding train.jsonl and test.jsonl (or .json; either may be
+gzipped, train.jsonl.gz), or a single file (.jsonl, .json, gzipped or not): all of it is
+training data and the test split is empty. Every task in test must have training examples.
+Every problem is reported at once, in one DataError, a line each naming the file and line (in
+an array: the line where the record starts, and its index; the first 20, then how many more):
 
     my_mix/train.jsonl:3: missing field 'output'
     my_mix/test.jsonl:41: task 'spam' has choices ['spam', 'junk'], but my_mix/train.jsonl:1 has ['spam', 'ham']
+    alpaca_data.json:1207: record 241: unknown key 'ouput' (allowed: task, instruction, input, output, choices, answer)
+
+Bad JSON inside an array ends what can be read of that file (the records before it are checked).
 
 The prompt (prompt_text) is fixed; the Input block is left out when input is empty:
 
@@ -53,15 +63,17 @@ import argparse
 import functools
 import gzip
 import io
+import itertools
 import json
 import os
 import random
+import re
 import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import sentencepiece as spm
 
@@ -72,6 +84,7 @@ BUILTIN = Path(__file__).parent / "data" / "minicme"
 IGNORE = -100  # target value that F.cross_entropy(ignore_index=-100) skips
 
 FIELDS = ("task", "instruction", "input", "output")
+OPTIONAL = ("choices", "answer")
 MAX_REPORTED = 20  # problems listed in one DataError; the rest are counted
 
 
@@ -90,7 +103,8 @@ class Example:
     input: str
     output: str
     choices: Optional[list[str]] = None
-    where: str = ""  # "path:line", for error messages
+    answer: Optional[str] = None  # the short answer inside a long output (LLM-Adapters' files), for evaluation
+    where: str = ""  # "path:line" (a JSON array's: "path:line: record i"), for error messages
 
 
 class _Problems:
@@ -112,13 +126,17 @@ class _Problems:
 
 # ----------------------------------------------------------------------------- reading
 
-def _example(obj, where: str) -> Example:
+def _example(obj, where: str, task: str) -> Example:
+    """One record as an Example; task: the task of a record without one (its file's)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in obj:
-        if key not in FIELDS + ("choices",):
-            raise DataError(f"{where}: unknown key {key!r} (allowed: {', '.join(FIELDS)}, choices)")
-    for key in FIELDS:
+        if key not in FIELDS + OPTIONAL:
+            raise DataError(f"{where}: unknown key {key!r} (allowed: {', '.join(FIELDS + OPTIONAL)})")
+    obj = {"task": task, "input": "", **obj}  # Alpaca-style files often leave an empty input out
+    if isinstance(obj.get("answer"), (int, float)) and not isinstance(obj["answer"], bool):
+        obj["answer"] = str(obj["answer"])  # a math answer written as a number
+    for key in FIELDS + ("answer",) * ("answer" in obj):
         if key not in obj:
             raise DataError(f"{where}: missing field {key!r}")
         if not isinstance(obj[key], str):
@@ -138,40 +156,92 @@ def _example(obj, where: str) -> Example:
     return Example(**obj, where=where)
 
 
-def _read(path: Path, problems: _Problems) -> tuple[list[Example], set[str]]:
-    """The good examples of one file, and every task named on any of its lines (good or not);
-    each bad line is added to problems."""
-    examples, tasks, before = [], set(), problems.count
+def _lines(path: Path, raw: bytes, problems: _Problems) -> Iterator[tuple[object, str]]:
+    """(record, "path:line") of each non-blank line of a JSON Lines file; bad lines go to problems."""
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line.rstrip(b"\r")), f"{path}:{n}"
+        except json.JSONDecodeError as e:
+            problems.add(f"{path}:{n}: invalid JSON at column {e.colno}: {e.msg.removesuffix(' at')}")
+        except UnicodeDecodeError as e:
+            problems.add(f"{path}:{n}: invalid JSON, not UTF-8 ({e})")
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
+NEWLINE, NEWLINE_STR = b"\n", "\n"  # (f-strings of Python 3.11 take no backslash)
+
+
+def _array(path: Path, raw: bytes, problems: _Problems) -> Iterator[tuple[object, str]]:
+    """(record, "path:line: record i") of each element of a JSON array file, line = where the
+    record starts. Bad JSON ends the file's records: its place is reported to problems."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        problems.add(f"{path}:{raw.count(NEWLINE, 0, e.start) + 1}: invalid JSON, not UTF-8 ({e})")
+        return
+    decoder, line, counted = json.JSONDecoder(), 1, 0
+    pos = _SPACE.match(text, _SPACE.match(text).end() + 1).end()  # after the opening "["
+    for i in itertools.count():
+        if i == 0 and text.startswith("]", pos):
+            break
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            problems.add(f"{path}:{e.lineno}: record {i}: invalid JSON at column {e.colno}: "
+                         f"{e.msg.removesuffix(' at')}")
+            return
+        line, counted = line + text.count(NEWLINE_STR, counted, pos), pos  # counted once, however long the file
+        yield record, f"{path}:{line}: record {i}"
+        pos = _SPACE.match(text, end).end()
+        if text.startswith("]", pos):
+            break
+        if not text.startswith(",", pos):
+            where = f"{path}:{line + text.count(NEWLINE_STR, counted, pos)}"
+            problems.add(f"{where}: after record {i}: expected ',' or ']'")
+            return
+        pos = _SPACE.match(text, pos + 1).end()
+    pos = _SPACE.match(text, pos + 1).end()
+    if pos < len(text):
+        problems.add(f"{path}:{line + text.count(NEWLINE_STR, counted, pos)}: text after the array's closing ']'")
+
+
+def _stem(path: Path) -> str:
+    """The file's name without .gz, .json or .jsonl: commonsense_170k.json.gz -> commonsense_170k."""
+    name = path.name.removesuffix(".gz")
+    return name.removesuffix(".jsonl").removesuffix(".json")
+
+
+def _read(path: Path, problems: _Problems, task: Optional[str] = None) -> tuple[list[Example], set[str]]:
+    """The good examples of one file, and every task named in any of its records (good or not);
+    each bad record is added to problems. A JSON array (the file starts with "[") or JSON Lines;
+    task: the task of records without one (default: the file's stem)."""
+    examples, tasks, before = [], {task or _stem(path)}, problems.count
     try:
         # Bytes, not text: a bad UTF-8 sequence is then reported on its own line like bad JSON.
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    obj = json.loads(raw.rstrip(b"\r\n"))
-                except json.JSONDecodeError as e:
-                    problems.add(f"{where}: invalid JSON at column {e.colno}: {e.msg.removesuffix(' at')}")
-                    continue
-                except UnicodeDecodeError as e:
-                    problems.add(f"{where}: invalid JSON, not UTF-8 ({e})")
-                    continue
-                if isinstance(obj, dict) and isinstance(obj.get("task"), str):
-                    tasks.add(obj["task"])
-                try:
-                    examples.append(_example(obj, where))
-                except DataError as e:
-                    problems.add(str(e))
+            raw = f.read()
     except (OSError, EOFError) as e:  # unreadable, not gzip, a gzip cut short
         problems.add(f"{path}: cannot read it ({e})")
+        return examples, tasks
+    # a .jsonl is JSON Lines; another name (.json) is an array when it starts with "[" (a .json of JSON Lines is common)
+    records = _array if _stem(path) + ".jsonl" != path.name.removesuffix(".gz") and raw.lstrip()[:1] == b"[" else _lines
+    for obj, where in records(path, raw, problems):
+        if isinstance(obj, dict) and isinstance(obj.get("task"), str):
+            tasks.add(obj["task"])
+        try:
+            examples.append(_example(obj, where, task or _stem(path)))
+        except DataError as e:
+            problems.add(str(e))
     if not examples and problems.count == before:
         problems.add(f"{path}: no examples (the file is empty)")
     return examples, tasks
 
 
 def read_jsonl(path) -> list[Example]:
-    """Read and check one .jsonl or .jsonl.gz file; all its bad lines are reported in one DataError."""
+    """Read and check one file, JSON Lines or a JSON array (either may be gzipped); all its bad
+    records are reported in one DataError."""
     problems = _Problems()
     examples, _ = _read(Path(path), problems)
     problems.check()
@@ -179,12 +249,13 @@ def read_jsonl(path) -> list[Example]:
 
 
 def _split_file(folder: Path, split: str) -> Path:
-    found = [p for p in (folder / f"{split}.jsonl", folder / f"{split}.jsonl.gz") if p.exists()]
+    names = [f"{split}{ext}{gz}" for ext in (".jsonl", ".json") for gz in ("", ".gz")]
+    found = [folder / n for n in names if (folder / n).exists()]
     if not found:
-        raise MissingDataError(f"{folder}: no {split}.jsonl (or {split}.jsonl.gz); a mixture "
-                               f"directory holds train.jsonl and test.jsonl")
+        raise MissingDataError(f"{folder}: no {split}.jsonl (or {split}.jsonl.gz, {split}.json, "
+                               f"{split}.json.gz); a mixture directory holds train.jsonl and test.jsonl")
     if len(found) > 1:
-        raise DataError(f"{folder}: both {split}.jsonl and {split}.jsonl.gz exist; keep one")
+        raise DataError(f"{folder}: both {found[0].name} and {found[1].name} exist; keep one")
     return found[0]
 
 
@@ -197,7 +268,8 @@ def load_mixture(path=None) -> tuple[list[Example], list[Example]]:
     problems = _Problems()
     if path.is_dir():
         files = _split_file(path, "train"), _split_file(path, "test")
-        (train, named), (test, _) = (_read(f, problems) for f in files)
+        # records without a task take the directory's name, the same in both splits
+        (train, named), (test, _) = (_read(f, problems, task=path.resolve().name) for f in files)
     else:
         (train, named), test = _read(path, problems), []
     first = {}  # task -> its first good training example, whose choices the task's examples share
@@ -453,21 +525,30 @@ def train_tokenizer(texts: Iterable[str], path_prefix, vocab_size: int = 4096) -
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Check a task mixture (every bad line is reported) and print its tasks and label counts.",
-        epilog='one example per line: {"task": ..., "instruction": ..., "input": ..., "output": ..., '
-               '"choices": [...]} (choices optional); the full format is in data.py\'s docstring')
+        description="Check a task mixture (every bad record is reported) and print what was read: its files, "
+                    "tasks and label counts (answers, where records have them).",
+        epilog='one example per line (JSON Lines) or per element (a JSON array): {"task": ..., "instruction": ..., '
+               '"input": ..., "output": ..., "choices": [...], "answer": ...} (task, choices, answer optional); '
+               'the full format is in data.py\'s docstring')
     p.add_argument("mixture", nargs="?", default=None,
-                   help="a mixture directory (train.jsonl, test.jsonl) or one .jsonl file "
-                        "(default: the built-in mixture, data/minicme)")
+                   help="a mixture directory (train.jsonl, test.jsonl) or one file: .jsonl, or a .json array "
+                        "(Alpaca, LLM-Adapters), gzipped or not (default: the built-in mixture, data/minicme)")
     args = p.parse_args(argv)
     train, test = load_mixture(args.mixture)
+    for name, split in (("train", train), ("test", test)):
+        # where: "path:line" or "path:line: record i"
+        read = Counter((ex.where.split(": record ")[0].rpartition(":")[0], ": record " in ex.where) for ex in split)
+        for (file, array), n in read.items():
+            print(f"{name}: {n} examples from {file} ({'a JSON array' if array else 'JSON Lines'})")
     print(f"{len(train)} train / {len(test)} test examples")
     for task in sorted({ex.task for ex in train}):
         for name, split in (("train", train), ("test", test)):
-            labels = Counter(ex.output for ex in split if ex.task == task)
+            mine = [ex for ex in split if ex.task == task]
+            labels = Counter(ex.output if ex.answer is None else ex.answer for ex in mine)
             if labels:
                 top = ", ".join(f"{k} {v}" for k, v in labels.most_common(4))
-                more = f" (+{len(labels) - 4} more outputs)" if len(labels) > 4 else ""
+                what = "answers" if any(ex.answer is not None for ex in mine) else "outputs"
+                more = f" (+{len(labels) - 4} more {what})" if len(labels) > 4 else ""
                 print(f"{task:>12} {name:>5} {sum(labels.values()):6d}: {top}{more}")
 
 

@@ -39,6 +39,7 @@ import common
 import teamlora
 from common import UserError, cli
 from data import IGNORE, collate, encode_example, load_mixture
+from model import Transformer
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -128,13 +129,16 @@ def _shared_prompt(tok, ex, seq_len):
     return min(prompts, key=len), [y[y.count(IGNORE):] for _, y in encoded]
 
 
+ROUTING_SUMS = ("entropy_sum", "top_half", "tokens")  # routing_stats' sums after the k share sums
+
+
 def _routing_sums(model, layers, mask):
     """(layers, k + 3) float64 of the last forward over the tokens in mask: per layer the k share
     sums, the routing-entropy sum, the tokens whose top share > 1/2 and the token count (what
     routing_by_task accumulates)."""
     stats = teamlora.routing_stats(model, mask)
     return torch.stack([torch.cat([stats[n]["weight_sum"].double(),
-                                   torch.tensor([stats[n][key] for key in ("entropy_sum", "top_half", "tokens")],
+                                   torch.tensor([stats[n][key] for key in ROUTING_SUMS],
                                                 dtype=torch.float64)])
                         for n in layers])
 
@@ -245,7 +249,7 @@ def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None
     tasks = sorted({ex.task for ex in examples})
     scored = {ex.task for ex in examples if ex.choices} if collected is not None else set()
     rank, world = _rank_world()
-    sums = torch.zeros(len(tasks), len(layers), k + 3, dtype=torch.float64)  # per layer: k shares, entropy, top, tokens
+    sums = torch.zeros(len(tasks), len(layers), k + len(ROUTING_SUMS), dtype=torch.float64)  # per layer: k shares, ROUTING_SUMS
     for t, task in enumerate(tasks):
         if task in scored:
             sums[t] += collected.get(task, 0)  # absent: this rank scored no example of the task
@@ -257,7 +261,12 @@ def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None
             lengths = torch.tensor([len(x) for x, _ in chunk])
             real = torch.arange(batch["tokens"].shape[1]) < lengths[:, None]  # (B, T), false on padding
             sums[t] += _routing_sums(model, layers, real)
-    sums = _all_reduce(sums, model)
+    return _routing_table(_all_reduce(sums, model), tasks, layers)
+
+
+def _routing_table(sums, tasks, layers):
+    """routing_by_task's dict from sums (tasks, layers, k + 3) of _routing_sums, summed over ranks."""
+    k = sums.shape[-1] - len(ROUTING_SUMS)
     out = {}
     for t, task in enumerate(tasks):
         tokens = sums[t, 0, -1].clamp(min=1)  # every layer sees the same tokens
@@ -406,20 +415,24 @@ def format_table(results):
             "\nscore: accuracy (choices) or exact match (generated); majority: always giving the task's most "
             "frequent training answer (tasks with choices only)")
     routing = results.get("routing") or {}
-    if routing:
-        k = len(next(iter(routing.values()))["mean"])
-        rows = [[t, *r["mean"], r["entropy"], r["load_entropy"], r.get("top_half"), r.get("entropy_norm")]
-                for t, r in routing.items()]
-        text += ("\n\nrouting: mean share of each expert over layers and real tokens\n"
-                 + _table(["task", *(f"e{i}" for i in range(k)), "entropy", "load_entropy", "top>1/2", "entropy/logk"],
-                          rows)
-                 + "\nentropy: each token's routing entropy, averaged (low: a token leans on few experts); "
-                 "load_entropy: the entropy of the task's mean shares (low: the task as a whole uses few experts)"
-                 f"\nboth in nats, at most log k = {math.log(k):.3f} (k = {k} experts), reached when the weight is "
-                 "spread evenly; top>1/2: the share of tokens whose top expert holds more than half the weight; "
-                 "entropy/logk: entropy over its maximum (1 = even, 0 = one expert)")
-        if "layers_top_half" in next(iter(routing.values())):
-            text += "\n" + analyses.layer_note(routing)
+    return text + "\n\n" + format_routing(routing) if routing else text
+
+
+def format_routing(routing):
+    """The routing table: per task, each expert's mean share, the entropies, the top-1 share (then
+    one line on the per-layer figures, analyses.layer_note)."""
+    k = len(next(iter(routing.values()))["mean"])
+    rows = [[t, *r["mean"], r["entropy"], r["load_entropy"], r.get("top_half"), r.get("entropy_norm")]
+            for t, r in routing.items()]
+    text = ("routing: mean share of each expert over layers and real tokens\n"
+            + _table(["task", *(f"e{i}" for i in range(k)), "entropy", "load_entropy", "top>1/2", "entropy/logk"], rows)
+            + "\nentropy: each token's routing entropy, averaged (low: a token leans on few experts); "
+            "load_entropy: the entropy of the task's mean shares (low: the task as a whole uses few experts)"
+            f"\nboth in nats, at most log k = {math.log(k):.3f} (k = {k} experts), reached when the weight is "
+            "spread evenly; top>1/2: the share of tokens whose top expert holds more than half the weight; "
+            "entropy/logk: entropy over its maximum (1 = even, 0 = one expert)")
+    if "layers_top_half" in next(iter(routing.values())):
+        text += "\n" + analyses.layer_note(routing)
     return text
 
 
@@ -616,6 +629,46 @@ def _n(evaluation):
     return sum(s["n"] for s in evaluation["tasks"].values())
 
 
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+
+def run_harness(args):
+    """--harness: lm-eval's tasks on the run's model (--ckpt) or on a base alone (--base), with the
+    routing table of the same forwards; rank 0 prints lm-eval's table and writes OUT/harness.json."""
+    try:
+        import harness
+    except ImportError as e:
+        raise UserError(f"--harness needs lm-evaluation-harness: pip install lm-eval ({e})") from None
+    with common.distributed(args.device) as (rank, _, device):
+        if args.ckpt:
+            ckpt, base, tok = common.open_run(args.ckpt, args.base)
+            model = load_for_eval(ckpt, base, device)
+            info = {"ckpt": str(args.ckpt), "method": ckpt["config"]["method"], "base": str(base)}
+        else:
+            base = common.base_dir(args.base)
+            tok = common.check_base(base)[0]
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as load_for_eval's base
+            model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+            info = {"ckpt": None, "method": None, "base": str(base)}
+        layers = [name for name, layer in teamlora.adapter_layers(model) if layer.routed]
+        lm = harness.ProjectLM(model, tok, args.batch_size, routing=(lambda mask: _routing_sums(model, layers, mask))
+                               if layers else None, info=info)
+        try:
+            results = harness.evaluate(lm, args.harness.split(","), args.harness_include, args.limit or None,
+                                       args.num_fewshot)
+        except harness.UnknownTaskError as e:
+            raise UserError(f"--harness: {e}") from None
+        tasks = lm.routed_tasks()
+        empty = torch.zeros(len(layers), model.get_submodule(layers[0]).k + len(ROUTING_SUMS),
+                            dtype=torch.float64) if layers else None
+        routing = _routing_table(_all_reduce(torch.stack([lm.routing_sums.get(t, empty) for t in tasks]), model),
+                                 tasks, layers) if tasks else {}
+        if rank == 0:
+            print(harness.table(results) + ("\n" + format_routing(routing) if routing else ""))
+            if args.ckpt:
+                harness.save({**results, "routing": routing}, Path(args.ckpt) / "harness.json")
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -642,6 +695,12 @@ def check_args(p, args):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least {least}")
     if (why := common.check_device(args.device)) is not None:
         p.error(f"--device {why}")
+    if not (args.ckpt or args.compare or (args.harness and args.base)):
+        p.error("one of --ckpt OUT, --compare OUT... or --base BASE --harness TASKS is needed")
+    if (args.harness_include or args.num_fewshot is not None) and not args.harness:
+        p.error("--harness-include and --num-fewshot go with --harness")
+    if args.harness and (args.compare or args.export or args.data or args.prompt is not None):
+        p.error("--harness runs lm-eval's tasks: it does not go with --compare, --export, --prompt or --data")
     if args.prompt is not None and (not args.ckpt or args.export):
         p.error("--prompt needs --ckpt OUT, and no --export")
     if args.export and not args.ckpt:
@@ -652,7 +711,7 @@ def check_args(p, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--ckpt", metavar="OUT", help="a train.py output directory: prints the tables and writes "
                       "OUT/eval.json (what --compare reads), OUT/predictions.jsonl and OUT/routing.png, replacing "
                       "those of the final evaluation in training or of an earlier eval.py")
@@ -671,6 +730,12 @@ def main(argv=None):
     p.add_argument("--knockout", action="store_true", help="routed runs: also score the test split with only "
                    "each token's top-1 expert, each expert dropped, each alone (2 k + 1 more evaluations; "
                    "eval.json's \"knockout\", see analyses.py)")
+    p.add_argument("--harness", metavar="TASKS", help="instead of the mixture's test split, run lm-evaluation-harness "
+                   "tasks (comma-separated, lm-eval's names: boolq,piqa,arc_easy,...) on the run's model, or with "
+                   "--base and no --ckpt on the base alone; writes OUT/harness.json (needs pip install lm-eval)")
+    p.add_argument("--harness-include", metavar="DIR", help="a folder of your own lm-eval task YAMLs (lm-eval's "
+                   "include path)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per lm-eval task (default: the task's own, else 0)")
     p.add_argument("--export", metavar="DIR", help="instead of evaluating, write the run's adapters for "
                    "Hugging Face models (LoRA: a PEFT directory; see export.py); an earlier export in DIR is "
                    "replaced whole, a directory holding other files is refused")
@@ -679,8 +744,10 @@ def main(argv=None):
                    "prompt template, data.py)")
     args = p.parse_args(argv)
     check_args(p, args)
-    if args.knockout and (not args.ckpt or args.export or args.prompt is not None):
-        p.error("--knockout needs --ckpt OUT, and no --export or --prompt")
+    if args.knockout and (not args.ckpt or args.export or args.prompt is not None or args.harness):
+        p.error("--knockout needs --ckpt OUT, and no --export, --prompt or --harness")
+    if args.harness:
+        return run_harness(args)
     if args.prompt is not None:
         print(generate(args.ckpt, args.prompt, args.max_new_tokens, args.base, args.device))
         return

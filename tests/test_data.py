@@ -109,7 +109,7 @@ def test_every_bad_line_is_reported(tmp_path):
         data.load_mixture(mix)
     assert str(err.value).splitlines() == [
         f"{train}:2: invalid JSON at column 2: Expecting property name enclosed in double quotes",
-        f"{train}:3: unknown key 'ouput' (allowed: task, instruction, input, output, choices)",
+        f"{train}:3: unknown key 'ouput' (allowed: task, instruction, input, output, choices, answer)",
         f"{train}:6: field 'output' must be a string, got int",
         f"{test}:1: output 'perhaps' is not one of its choices ['yes', 'no']",
         f"{test}:4: expected a JSON object, got list",
@@ -150,6 +150,73 @@ def test_gzip_directory_and_single_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- prompts, masks, truncation
+
+ALPACA = {"instruction": "Give a synonym.", "input": "happy", "output": "glad"}  # alpaca_data.json's fields
+
+
+def test_json_array_files_with_and_without_task(tmp_path):
+    # LLM-Adapters' commonsense_170k.json: an array, no task, a long output and its short answer
+    rows = [ALPACA, {**ALPACA, "output": "the correct answer is true", "answer": "true"},
+            {**GOOD, "task": "named"}, {"instruction": "What is 37/2?", "output": "18.5", "answer": 18.5}]
+    path = tmp_path / "commonsense_170k.json"
+    path.write_text(json.dumps(rows, indent=2))
+    train, test = data.load_mixture(path)
+    assert [ex.task for ex in train] == ["commonsense_170k"] * 2 + ["named", "commonsense_170k"] and test == []
+    assert [ex.answer for ex in train] == [None, "true", None, "18.5"] and train[1].output.endswith("is true")
+    assert train[3].input == ""  # an input left out is an empty one
+    starts = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line == "  {"]  # where records begin
+    assert [ex.where for ex in train] == [f"{path}:{n}: record {i}" for i, n in enumerate(starts)]
+    assert starts[:2] == [2, 7]
+    gz = tmp_path / "math_10k.json.gz"
+    with gzip.open(gz, "wt") as f:
+        json.dump(rows[:2], f)  # all on one line
+    assert [(ex.task, ex.where) for ex in data.read_jsonl(gz)] == [("math_10k", f"{gz}:1: record 0"),
+                                                                   ("math_10k", f"{gz}:1: record 1")]
+    # a mixture directory of arrays: records without a task take the directory's name in both splits
+    mix = tmp_path / "alpaca"
+    mix.mkdir()
+    (mix / "train.json").write_text(json.dumps([ALPACA]))
+    (mix / "test.json").write_text(json.dumps([ALPACA]))
+    train, test = data.load_mixture(mix)
+    assert train[0].task == test[0].task == "alpaca"
+    # a .json of JSON Lines (common on the Hub) and an empty array
+    (tmp_path / "lines.json").write_text(json.dumps(ALPACA) + "\n" + json.dumps(ALPACA) + "\n")
+    assert [ex.where for ex in data.read_jsonl(tmp_path / "lines.json")] == [f"{tmp_path / 'lines.json'}:{n}"
+                                                                              for n in (1, 2)]
+    (tmp_path / "empty.json").write_text("[ ]")
+    with pytest.raises(data.DataError, match="no examples"):
+        data.read_jsonl(tmp_path / "empty.json")
+
+
+def test_a_broken_json_array_is_reported_at_its_record(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    good = json.dumps(ALPACA)
+    path.write_text("[\n" + ",\n".join([good, json.dumps({**ALPACA, "ouput": "x"}), good,
+                                         json.dumps({k: v for k, v in ALPACA.items() if k != "output"})]) + "\n]\n")
+    with pytest.raises(data.DataError) as err:
+        data.read_jsonl(path)
+    assert str(err.value).splitlines() == [
+        f"{path}:3: record 1: unknown key 'ouput' (allowed: task, instruction, input, output, choices, answer)",
+        f"{path}:5: record 3: missing field 'output'"]
+    # bad JSON in record 2 (line 4): the records before it are checked, the rest cannot be read
+    path.write_text("[\n" + ",\n".join([good, json.dumps({**ALPACA, "ouput": "x"}), good[:-1] + ",}", good]) + "]")
+    with pytest.raises(data.DataError) as err:
+        data.read_jsonl(path)
+    assert str(err.value).splitlines() == [
+        f"{path}:3: record 1: unknown key 'ouput' (allowed: task, instruction, input, output, choices, answer)",
+        f"{path}:4: record 2: invalid JSON at column {len(good) + 1}: Expecting property name enclosed in "
+        "double quotes"]
+    for text, message in [(f"[{good} {good}]", "1: after record 0: expected ',' or ']'"),
+                          (f"[{good},\n]", "2: record 1: invalid JSON at column 1: Expecting value"),
+                          (f"[{good}]\n[]", "2: text after the array's closing ']'"),
+                          (f"[{good}", "1: after record 0: expected ',' or ']'")]:
+        path.write_text(text)
+        with pytest.raises(data.DataError, match=f"^{path}:" + message.replace("[", "\\[").replace("(", "\\(")):
+            data.read_jsonl(path)
+    path.write_bytes(b'[\n{"instruction": "\xff"}]')
+    with pytest.raises(data.DataError, match=f"^{path}:2: invalid JSON, not UTF-8"):
+        data.read_jsonl(path)
+
 
 def test_prompt_template():
     ex = Example("t", "Do it.", "the input", "out")
@@ -357,7 +424,15 @@ def test_command_line(tmp_path):
     mix = write_jsonl(tmp_path / "mix.jsonl", [GOOD, {**GOOD, "output": "no"}, GOOD])
     out = run("data.py", str(mix))
     assert (out.returncode, out.stderr) == (0, "")
-    assert out.stdout.splitlines() == ["3 train / 0 test examples", f"{'t':>12} train      3: yes 2, no 1"]
+    assert out.stdout.splitlines() == [f"train: 3 examples from {mix} (JSON Lines)", "3 train / 0 test examples",
+                                       f"{'t':>12} train      3: yes 2, no 1"]
+    # an Alpaca-style array: what was read, and the answers beside long outputs
+    array = tmp_path / "alpaca_data.json"
+    array.write_text(json.dumps([ALPACA, {**ALPACA, "output": "the correct answer is true", "answer": "true"}]))
+    out = run("data.py", str(array))
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout.splitlines() == [f"train: 2 examples from {array} (a JSON array)", "2 train / 0 test examples",
+                                       f"{'alpaca_data':>12} train      2: glad 1, true 1"]
     write_jsonl(mix, [GOOD, "{", {**GOOD, "task": ""}])
     out = run("data.py", str(mix))
     assert (out.returncode, out.stdout) == (2, "")
