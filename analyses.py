@@ -105,7 +105,8 @@ def interaction_table(summary):
              "U(-0.1, 0.1), diagonal 1)"]
     for word in ("raises", "lowers"):
         if summary[word]:
-            notes.append(f"{word} (strongest): " + ", ".join(f"e{j} {word} e{i} ({m:+.3f})" for j, i, m in summary[word][:3]))
+            pairs = ", ".join(f"e{j} {word} e{i} ({m:+.3f})" for j, i, m in summary[word][:3])
+            notes.append(f"{word} (strongest): {pairs}")
     return ["M: weight of", *(f"e{j}" for j in range(k))], [[f"e{i}", *row] for i, row in enumerate(M)], notes
 
 

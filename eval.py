@@ -249,7 +249,7 @@ def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None
     tasks = sorted({ex.task for ex in examples})
     scored = {ex.task for ex in examples if ex.choices} if collected is not None else set()
     rank, world = _rank_world()
-    sums = torch.zeros(len(tasks), len(layers), k + len(ROUTING_SUMS), dtype=torch.float64)  # per layer: k shares, ROUTING_SUMS
+    sums = torch.zeros(len(tasks), len(layers), k + len(ROUTING_SUMS), dtype=torch.float64)  # k shares, ROUTING_SUMS
     for t, task in enumerate(tasks):
         if task in scored:
             sums[t] += collected.get(task, 0)  # absent: this rank scored no example of the task

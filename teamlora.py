@@ -304,7 +304,8 @@ def set_knockout(model, variant=None):
     if variant is not None:
         kind, i = variant
         if kind not in KNOCKOUTS or (kind == "top1") != (i is None) or (i is not None and not 0 <= i < k):
-            raise ValueError(f"knock-out variant must be ('top1', None) or ('drop'|'alone', 0..{k - 1}), got {variant!r}")
+            raise ValueError(f"knock-out variant must be ('top1', None) or ('drop'|'alone', 0..{k - 1}), "
+                             f"got {variant!r}")
     for layer in routed:
         layer.knockout = variant
     return k
@@ -531,7 +532,8 @@ def interaction_summary(model):
                 "off_diagonal": (M * (1 - eye)).norm().item(), "diagonal_drift": (M.diagonal() - 1).norm().item()}
 
     k = next(iter(mats.values())).shape[0]
-    return {"layers": {n: distances(M) for n, M in mats.items()}, "mean": distances(torch.stack(list(mats.values())).mean(0)),
+    mean = torch.stack(list(mats.values())).mean(0)  # (k, k)
+    return {"layers": {n: distances(M) for n, M in mats.items()}, "mean": distances(mean),
             "init_off_diagonal": math.sqrt(k * (k - 1) / 300)}
 
 

@@ -196,7 +196,9 @@ def test_pictures(tmp_path):
     model = nn.ModuleDict({"a": Layer(), "b": Layer()})
     teamlora.add_adapters(model, "teamlora", rank=2, experts=3, targets=("w1",))
     analyses.save_interaction(analyses.interaction(model), tmp_path / "interaction.png")
-    layer = {"layers": {"a.w1": [0.5, 0.3, 0.2]}, "layers_top_half": {"a.w1": 0.4}, "layers_entropy_norm": {"a.w1": 0.9}}
-    analyses.save_layer_heatmap({"spam": {**layer, "tokens": 10}, "nli": {**layer, "tokens": 5}}, tmp_path / "layers.png")
+    layer = {"layers": {"a.w1": [0.5, 0.3, 0.2]}, "layers_top_half": {"a.w1": 0.4},
+             "layers_entropy_norm": {"a.w1": 0.9}}
+    routing = {"spam": {**layer, "tokens": 10}, "nli": {**layer, "tokens": 5}}
+    analyses.save_layer_heatmap(routing, tmp_path / "layers.png")
     for name in ("interaction.png", "layers.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
