@@ -52,7 +52,8 @@ from model import CheckpointError, Transformer, checkpoint_args, load_tokenizer,
 
 ADAPTERS, CHECKPOINT = "adapters.safetensors", "checkpoint.pt"
 # Everything train.py and eval.py write into OUT: what train.py --overwrite removes first.
-OUTPUTS = (ADAPTERS, CHECKPOINT, "log.jsonl", "summary.json", "eval.json", "predictions.jsonl", "routing.png")
+OUTPUTS = (ADAPTERS, CHECKPOINT, "log.jsonl", "summary.json", "eval.json", "predictions.jsonl", "routing.png",
+           "routing_layers.png", "interaction.png")
 # train.py flags that say how a run is carried out, not what it computes: a resume may change
 # them, and eval.py --compare ignores them (and the seed) when it groups runs into one setup.
 RUN_ONLY = ("out", "resume", "overwrite", "device", "compile", "fsdp", "grad_checkpoint", "save_every", "eval_limit",

@@ -5,6 +5,7 @@ baseline, and how the routed experts share the work of each task. Scoring, the t
     python eval.py --ckpt runs/teamlora                   # prints the tables, writes eval.json and predictions
     torchrun --nproc_per_node 8 eval.py --ckpt runs/teamlora --data my_mix/
     python eval.py --compare runs/lora runs/teamlora      # one row per setup, seeds grouped (mean ± sd)
+    python eval.py --ckpt runs/teamlora --knockout        # + the experts knocked out (analyses.py)
     python eval.py --ckpt runs/teamlora --prompt "..."    # generate with the run's adapters instead
 
 A task with choices is scored by likelihood: every choice is appended to the prompt as the
@@ -18,7 +19,8 @@ counts are summed with all_reduce.
 --ckpt OUT writes OUT/eval.json (the tables' numbers, and the data and limit they come from),
 OUT/predictions.jsonl (one line per test example: task, input, gold, predicted, score = the
 chosen choice's log-likelihood or the answer's ROUGE-L, correct) and, for routed methods with
-matplotlib installed, OUT/routing.png; train.py's final evaluation writes the same three files.
+matplotlib installed, OUT/routing.png and OUT/routing_layers.png (+ OUT/interaction.png for shapley
+routers, analyses.py); train.py's final evaluation writes the same files.
 """
 import argparse
 import json
@@ -32,6 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import analyses
 import common
 import teamlora
 from common import UserError, cli
@@ -126,12 +129,17 @@ def _shared_prompt(tok, ex, seq_len):
     return min(prompts, key=len), [y[y.count(IGNORE):] for _, y in encoded]
 
 
+ROUTING_SUMS = ("entropy_sum", "top_half", "tokens")  # routing_stats' sums after the k share sums
+
+
 def _routing_sums(model, layers, mask):
-    """(layers, k + 2) float64 of the last forward over the tokens in mask: per layer the k share
-    sums, the routing-entropy sum and the token count (what routing_by_task accumulates)."""
+    """(layers, k + 3) float64 of the last forward over the tokens in mask: per layer the k share
+    sums, the routing-entropy sum, the tokens whose top share > 1/2 and the token count (what
+    routing_by_task accumulates)."""
     stats = teamlora.routing_stats(model, mask)
     return torch.stack([torch.cat([stats[n]["weight_sum"].double(),
-                                   torch.tensor([stats[n]["entropy_sum"], stats[n]["tokens"]], dtype=torch.float64)])
+                                   torch.tensor([stats[n][key] for key in ROUTING_SUMS],
+                                                dtype=torch.float64)])
                         for n in layers])
 
 
@@ -228,7 +236,9 @@ def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None
     """How each task's tokens are routed: teamlora.routing_stats over one forward of each example's
     prompt + gold answer, real (non-padding) tokens only. Per task: "tokens", "layers" {name: mean
     share per expert}, "mean" (the layers' average), "entropy" (mean per-token routing entropy,
-    nats) and "load_entropy" (entropy of "mean"; log k when the load is even). {} if unrouted.
+    nats), "load_entropy" (entropy of "mean"; log k when the load is even), "top_half" (the share of
+    tokens whose top expert holds more than half the weight) and "entropy_norm" (entropy / log k),
+    both averaged over layers and also per layer ("layers_top_half", "layers_entropy_norm"). {} if unrouted.
     collected: the routing dict that choice_scores filled while scoring; tasks with choices then
     take their sums from it instead of a forward of their own.
     Distributed: each rank routes examples[rank::world] (or scored its share), sums are all_reduced."""
@@ -239,7 +249,7 @@ def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None
     tasks = sorted({ex.task for ex in examples})
     scored = {ex.task for ex in examples if ex.choices} if collected is not None else set()
     rank, world = _rank_world()
-    sums = torch.zeros(len(tasks), len(layers), k + 2, dtype=torch.float64)  # per layer: k share sums, entropy, tokens
+    sums = torch.zeros(len(tasks), len(layers), k + len(ROUTING_SUMS), dtype=torch.float64)  # k shares, ROUTING_SUMS
     for t, task in enumerate(tasks):
         if task in scored:
             sums[t] += collected.get(task, 0)  # absent: this rank scored no example of the task
@@ -255,16 +265,19 @@ def routing_by_task(model, tok, examples, seq_len, batch_size=32, collected=None
 
 
 def _routing_table(sums, tasks, layers):
-    """routing_by_task's dict from sums (tasks, layers, k + 2) of _routing_sums, summed over ranks."""
-    k = sums.shape[-1] - 2
+    """routing_by_task's dict from sums (tasks, layers, k + 3) of _routing_sums, summed over ranks."""
+    k = sums.shape[-1] - len(ROUTING_SUMS)
     out = {}
     for t, task in enumerate(tasks):
         tokens = sums[t, 0, -1].clamp(min=1)  # every layer sees the same tokens
         shares = sums[t, :, :k] / tokens  # (layers, k)
         mean = shares.mean(0)
+        top, norm = sums[t, :, k + 1] / tokens, sums[t, :, k] / tokens / (math.log(k) or 1.0)  # (layers,) each
         out[task] = {"tokens": int(sums[t, 0, -1]), "layers": {n: s.tolist() for n, s in zip(layers, shares)},
                      "mean": mean.tolist(), "entropy": (sums[t, :, k].sum() / tokens / len(layers)).item(),
-                     "load_entropy": teamlora.routing_entropy(mean).item()}
+                     "load_entropy": teamlora.routing_entropy(mean).item(), "top_half": top.mean().item(),
+                     "entropy_norm": norm.mean().item(), "layers_top_half": dict(zip(layers, top.tolist())),
+                     "layers_entropy_norm": dict(zip(layers, norm.tolist()))}
     return out
 
 
@@ -301,7 +314,8 @@ def _gather(items, world):
 @torch.no_grad()
 def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, limit=None, routing=True,
              majority=None, predictions=None):
-    """Scores per task, their average, the majority-class baseline and (routing=True) routing_by_task.
+    """Scores per task, their average, the majority-class baseline and (routing=True) routing_by_task
+    and, for shapley routers, analyses.interaction (eval.json's "interaction").
 
     limit: at most that many examples per task, the first ones. majority: {task: answer}, the
     baseline's answers (majority_labels of the training split); a task without one scores None.
@@ -355,6 +369,8 @@ def evaluate(model, tok, examples, seq_len, batch_size=32, max_new_tokens=32, li
                    "majority": {"average": _mean(baseline.values()), "tasks": baseline, "answers": always},
                    "routing": routing_by_task(model, tok, [ex for t in tasks for ex in by_task[t]], seq_len,
                                               batch_size, routed) if routing else {}}
+        if routing and (interaction := analyses.interaction(model)):  # shapley routers: their matrices M
+            results["interaction"] = interaction
         if predictions is not None:
             predictions.extend(p for mine in my_predictions for p in _gather(mine, world))
     finally:
@@ -403,15 +419,37 @@ def format_table(results):
 
 
 def format_routing(routing):
-    """The routing table: per task, each expert's mean share, the entropies."""
+    """The routing table: per task, each expert's mean share, the entropies, the top-1 share (then
+    one line on the per-layer figures, analyses.layer_note)."""
     k = len(next(iter(routing.values()))["mean"])
-    rows = [[t, *r["mean"], r["entropy"], r["load_entropy"]] for t, r in routing.items()]
-    return ("routing: mean share of each expert over layers and real tokens\n"
-            + _table(["task", *(f"e{i}" for i in range(k)), "entropy", "load_entropy"], rows)
+    rows = [[t, *r["mean"], r["entropy"], r["load_entropy"], r.get("top_half"), r.get("entropy_norm")]
+            for t, r in routing.items()]
+    text = ("routing: mean share of each expert over layers and real tokens\n"
+            + _table(["task", *(f"e{i}" for i in range(k)), "entropy", "load_entropy", "top>1/2", "entropy/logk"], rows)
             + "\nentropy: each token's routing entropy, averaged (low: a token leans on few experts); "
             "load_entropy: the entropy of the task's mean shares (low: the task as a whole uses few experts)"
             f"\nboth in nats, at most log k = {math.log(k):.3f} (k = {k} experts), reached when the weight is "
-            "spread evenly")
+            "spread evenly; top>1/2: the share of tokens whose top expert holds more than half the weight; "
+            "entropy/logk: entropy over its maximum (1 = even, 0 = one expert)")
+    if "layers_top_half" in next(iter(routing.values())):
+        text += "\n" + analyses.layer_note(routing)
+    return text
+
+
+def format_analyses(results):
+    """The interaction matrix (shapley runs) and the knock-out variants (--knockout), when present."""
+    parts = []
+    if results.get("interaction"):
+        parts.append("interaction matrix M of the shapley routers: w~_i = sum_j M_ij phi_j\n"
+                     + _section(*analyses.interaction_table(results["interaction"])))
+    if results.get("knockout"):
+        parts.append("knock-out: the test scores with some experts' weights zeroed\n"
+                     + _section(*analyses.knockout_table(results["knockout"])))
+    return "\n\n".join(parts)
+
+
+def _section(header, rows, notes):
+    return _table(header, rows) + "".join("\n" + note for note in notes)
 
 
 def write_results(out, results, predictions):
@@ -422,14 +460,27 @@ def write_results(out, results, predictions):
     common.atomic_save(json.dumps(results, indent=1), out / "eval.json")
     common.atomic_save("".join(json.dumps(p) + "\n" for p in predictions), out / "predictions.jsonl")
     print(format_table(results))
-    if results["routing"]:
-        try:
-            save_heatmap(results["routing"], out / "routing.png")
-            print(f"routing heatmap -> {out / 'routing.png'}")
-        except ImportError:
-            print("matplotlib is not installed: routing.png skipped (pip install matplotlib)")
+    if format_analyses(results):
+        print("\n" + format_analyses(results))
+    _save_pictures(out, results)
     print(f"scores -> {out / 'eval.json'}{' (replacing the earlier evaluation)' if replaced else ''}; "
           f"one line per test example -> {out / 'predictions.jsonl'}")
+
+
+def _save_pictures(out, results):
+    """routing.png and routing_layers.png (routed runs), interaction.png (shapley runs); one line
+    saying so when matplotlib is missing."""
+    pictures = [(name, save, what) for name, save, what in [
+        ("routing.png", save_heatmap, results["routing"]),
+        ("routing_layers.png", analyses.save_layer_heatmap, results["routing"]),
+        ("interaction.png", analyses.save_interaction, results.get("interaction"))] if what]
+    try:
+        for name, save, what in pictures:
+            save(what, out / name)
+            print(f"{name.removesuffix('.png').replace('_', ' ')} picture -> {out / name}")
+    except ImportError:
+        if pictures:
+            print(f"matplotlib is not installed: {', '.join(n for n, _, _ in pictures)} skipped (pip install matplotlib)")
 
 
 def save_heatmap(routing, path):
@@ -513,6 +564,7 @@ def compare(out_dirs):
     group of runs when they were tested on different examples."""
     runs = [(Path(d), _read_json(Path(d) / "summary.json"), _read_json(Path(d) / "eval.json")) for d in out_dirs]
     tasks = sorted({t for _, _, e in runs for t in e["tasks"]})
+    knocked = any("knockout" in e for _, _, e in runs)  # eval.py --knockout ran on one: a top-1 column
     groups = {}
     for d, s, e in runs:
         groups.setdefault(_setup(s, e, d / "summary.json"), []).append((d, s, e))
@@ -529,6 +581,7 @@ def compare(out_dirs):
                      c["method"], c["rank"], c["experts"] if _router(s) != "-" else None, _router(s),
                      s["trainable_pct"], col(lambda s, e: s["train_time_s"], 0), col(lambda s, e: s["tokens_per_s"], 0),
                      _n(e), col(lambda s, e: e["average"]),
+                     *([col(lambda s, e: (e.get("knockout") or {}).get("top1_keeps_pct"), 1)] if knocked else []),
                      *(col(lambda s, e, t=t: headline(e["tasks"][t]) if t in e["tasks"] else None) for t in tasks)])
     baselines = {}  # the runs' majority rows, one per distinct baseline
     for d, _, e in runs:
@@ -536,16 +589,39 @@ def compare(out_dirs):
     for key, dirs in baselines.items():
         majority, n = json.loads(key)
         name = "majority class" if len(baselines) == 1 else f"majority class of {', '.join(map(str, dirs))}"
-        rows.append([name, "", "", None, None, "", None, None, None, n, majority["average"],
+        rows.append([name, "", "", None, None, "", None, None, None, n, majority["average"], *([None] * knocked),
                      *(majority["tasks"].get(t) for t in tasks)])
     header = ["run", "base", "method", "rank", "experts", "router", "trainable%", "time_s", "tokens/s", "n",
-              "average", *tasks]
+              "average", *(["top1_keeps%"] * knocked), *tasks]
     notes = ["scores: accuracy (choice tasks) or exact match; trainable% of the base; n: test examples scored; "
              "mean ± sd over runs that differ only in the seed",
              "majority class: always the most frequent training answer of each task with choices"]
+    if knocked:
+        notes.append("top1_keeps%: the average with only each token's top-1 expert, as % of all experts' "
+                     "(eval.py --knockout; - where it was not run)")
     if len(baselines) > 1:
         notes.append("the runs were tested on different examples (data or --limit): one majority row for each")
     return _table(header, rows) + "".join("\n" + note for note in notes)
+
+
+def analyze(model, tok, examples, seq_len, args, full):
+    """With --knockout, eval.json's "knockout": every variant scored as `full` was, without routing
+    statistics (evaluate adds the other analyses, "interaction", itself)."""
+    out = {}
+    if args.knockout:
+        limit = args.limit or None
+
+        def score():
+            return _headlines(evaluate(model, tok, examples, seq_len, args.batch_size, args.max_new_tokens, limit,
+                                       routing=False))
+
+        out["knockout"] = analyses.knockout(model, score, _headlines(full))
+    return out
+
+
+def _headlines(results):
+    """evaluate's results cut to what the knock-out table shows: the average and each task's headline."""
+    return {"average": results["average"], "tasks": {t: headline(s) for t, s in results["tasks"].items()}}
 
 
 def _n(evaluation):
@@ -583,7 +659,8 @@ def run_harness(args):
         except harness.UnknownTaskError as e:
             raise UserError(f"--harness: {e}") from None
         tasks = lm.routed_tasks()
-        empty = torch.zeros(len(layers), model.get_submodule(layers[0]).k + 2, dtype=torch.float64) if layers else None
+        empty = torch.zeros(len(layers), model.get_submodule(layers[0]).k + len(ROUTING_SUMS),
+                            dtype=torch.float64) if layers else None
         routing = _routing_table(_all_reduce(torch.stack([lm.routing_sums.get(t, empty) for t in tasks]), model),
                                  tasks, layers) if tasks else {}
         if rank == 0:
@@ -650,6 +727,9 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for tasks without choices, and "
                    "for --prompt (default: 32)")
     p.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
+    p.add_argument("--knockout", action="store_true", help="routed runs: also score the test split with only "
+                   "each token's top-1 expert, each expert dropped, each alone (2 k + 1 more evaluations; "
+                   "eval.json's \"knockout\", see analyses.py)")
     p.add_argument("--harness", metavar="TASKS", help="instead of the mixture's test split, run lm-evaluation-harness "
                    "tasks (comma-separated, lm-eval's names: boolq,piqa,arc_easy,...) on the run's model, or with "
                    "--base and no --ckpt on the base alone; writes OUT/harness.json (needs pip install lm-eval)")
@@ -664,6 +744,8 @@ def main(argv=None):
                    "prompt template, data.py)")
     args = p.parse_args(argv)
     check_args(p, args)
+    if args.knockout and (not args.ckpt or args.export or args.prompt is not None or args.harness):
+        p.error("--knockout needs --ckpt OUT, and no --export, --prompt or --harness")
     if args.harness:
         return run_harness(args)
     if args.prompt is not None:
@@ -680,6 +762,9 @@ def main(argv=None):
     with common.distributed(args.device) as (rank, _, device):
         ckpt, base, tok = common.open_run(args.ckpt, args.base)  # the checks first, then the weights
         config = ckpt["config"]
+        if args.knockout and config["method"] in ("lora", "full"):
+            raise UserError(f"--knockout: {args.ckpt} is a {config['method']} run, it has no experts to knock out "
+                            "(routed methods: moelora, hydralora, teamlora)")
         data = args.data or config["data"]  # as given, for eval.json; read from where the run found it
         train, test = load_mixture(args.data or common.run_data(ckpt))
         if not test:
@@ -688,6 +773,7 @@ def main(argv=None):
         predictions = []
         results = evaluate(model, tok, test, config["seq_len"], args.batch_size, args.max_new_tokens,
                            args.limit or None, majority=majority_labels(train), predictions=predictions)
+        results.update(analyze(model, tok, test, config["seq_len"], args, results))
         if rank == 0:
             write_results(args.ckpt, {**results, "data": data, "limit": args.limit or None}, predictions)
 

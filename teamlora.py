@@ -55,7 +55,8 @@ Load balance (optional): with p_i the mean over real tokens of expert i's share 
 
 Public API: add_adapters (its signature holds every default), mark_only_adapters_trainable,
 adapter_state_dict, load_adapter_state_dict, adapter_aux_loss, merge_adapters, unmerge_adapters,
-routing_stats, routing_entropy, parameter_report, adapter_layers. Base tensors keep their names (`...w1.weight`);
+routing_stats, routing_entropy, parameter_report, adapter_layers; for analysis, set_knockout (knock_out) and
+interaction_summary. Base tensors keep their names (`...w1.weight`);
 every adapter tensor's name starts with `lora_`, so base checkpoints load unchanged after injection.
 
 Quantized bases (QLoRA-style): any subclass of nn.Linear is adapted, e.g. a model loaded with
@@ -252,9 +253,12 @@ class RoutedLinear(AdapterLinear):
         self.k = experts
         self.router = Router(self.in_features, experts, router).to(self.weight.device)
         self.last_weights = None  # (..., k) float32, with grad while training
+        self.knockout = None  # a knock_out variant (set_knockout), or None: the router's weights untouched
 
     def route(self, x):
         w = self.router(x)
+        if self.knockout is not None:  # an analysis only; when off, w is the router's tensor itself
+            w = knock_out(w, self.knockout, self.router.total)
         self.last_weights = w
         return w
 
@@ -264,6 +268,47 @@ class RoutedLinear(AdapterLinear):
 
     def merge(self, sign=1.0):
         raise ValueError(f"{type(self).__name__} cannot be merged into W0: {self.cannot_merge()}")
+
+
+KNOCKOUTS = ("top1", "drop", "alone")
+
+
+def knock_out(w, variant, total):
+    """Expert weights w (..., k) under a knock-out (the paper's redundancy analysis), T = total, the
+    router's sum per token (softmax 1, shapley k); variant (kind, i), kind in KNOCKOUTS:
+        ("top1", None)  each token keeps only its largest weight, raised to the total:  w'_j = T [j = argmax w]
+        ("drop", i)     expert i zeroed, the others rescaled to the total:  w'_j = T w_j [j != i] / d
+        ("alone", i)    one fixed expert with the whole total:  w'_j = T [j = i]
+    d = sum_{j != i} w_j, guarded as the shapley normaliser is, d = sign(t) max(|t|, tau sum_{j != i}
+    |w_j|, 1e-6) with t that sum: softmax weights are positive, so there d = t unless expert i held all."""
+    kind, i = variant
+    if kind == "top1":
+        return torch.zeros_like(w).scatter_(-1, w.argmax(-1, keepdim=True), total)
+    if kind == "alone":
+        return torch.zeros_like(w).index_fill_(-1, torch.tensor([i], device=w.device), total)
+    if kind != "drop":
+        raise ValueError(f"knock-out kind must be one of {KNOCKOUTS}, got {kind!r}")
+    kept = w.index_fill(-1, torch.tensor([i], device=w.device), 0.0)  # (..., k), w_i = 0
+    t = kept.sum(-1, keepdim=True)
+    d = torch.maximum(t.abs(), Router.tau * kept.abs().sum(-1, keepdim=True))
+    return total * kept / d.clamp_min(1e-6).copysign(t)
+
+
+def set_knockout(model, variant=None):
+    """Route every routed layer under `variant` (knock_out's (kind, i)); None restores the routers'
+    own weights. Returns k. The layers' forward is otherwise unchanged, so any evaluation runs as is."""
+    routed = [layer for _, layer in adapter_layers(model) if layer.routed]
+    if not routed:
+        raise ValueError("the model has no routed adapter layer (LoRA and full fine-tuning have no experts)")
+    k = routed[0].k
+    if variant is not None:
+        kind, i = variant
+        if kind not in KNOCKOUTS or (kind == "top1") != (i is None) or (i is not None and not 0 <= i < k):
+            raise ValueError(f"knock-out variant must be ('top1', None) or ('drop'|'alone', 0..{k - 1}), "
+                             f"got {variant!r}")
+    for layer in routed:
+        layer.knockout = variant
+    return k
 
 
 class TeamLoRALinear(RoutedLinear):
@@ -448,22 +493,48 @@ def routing_entropy(p):
 @torch.no_grad()
 def routing_stats(model, mask=None):
     """Per routed layer, from the last forward: {"weight_sum": (k,) sum over tokens of each expert's
-    share, "entropy_sum": sum over tokens of the routing entropy (nats, `routing_entropy`), "tokens":
-    count}. Sums, so callers can accumulate over batches; mean share = weight_sum / tokens. Computed
-    on the device with masked sums, then copied to the host once for all layers."""
+    share, "entropy_sum": sum over tokens of the routing entropy (nats, `routing_entropy`), "top_half":
+    tokens whose largest share exceeds 1/2, "tokens": count}. Sums, so callers can accumulate over
+    batches; mean share = weight_sum / tokens. Computed on the device with masked sums, then copied
+    to the host once for all layers."""
     names, rows = [], []
     for name, layer in adapter_layers(model):
         if layer.routed and layer.last_weights is not None:
             weight_sum, n = _shares(layer, mask)
             p = (layer.last_weights / layer.router.total).reshape(-1, layer.k).float()  # (N, k)
             m = 1.0 if mask is None else mask.reshape(-1).to(device=p.device, dtype=p.dtype)  # (N,)
-            rows.append(torch.cat([weight_sum.float(), (routing_entropy(p) * m).sum()[None], n.float()[None]]))
+            rows.append(torch.cat([weight_sum.float(), (routing_entropy(p) * m).sum()[None],
+                                   ((p.amax(-1) > 0.5).float() * m).sum()[None], n.float()[None]]))
             names.append(name)
     if not rows:
         return {}
-    table = torch.stack(rows).double().cpu()  # (layers, k + 2): the one transfer
-    return {name: {"weight_sum": row[:-2].float(), "entropy_sum": row[-2].item(), "tokens": int(row[-1])}
-            for name, row in zip(names, table)}
+    table = torch.stack(rows).double().cpu()  # (layers, k + 3): the one transfer
+    return {name: {"weight_sum": row[:-3].float(), "entropy_sum": row[-3].item(), "top_half": int(row[-2]),
+                   "tokens": int(row[-1])} for name, row in zip(names, table)}
+
+
+@torch.no_grad()
+def interaction_summary(model):
+    """The shapley routers' interaction matrices M (k, k), per layer ("layers") and their mean over
+    layers ("mean"), each with "M" and its distance from the identity: "identity_distance" = ||M - I||_F,
+    "off_diagonal" = the Frobenius norm of M's off-diagonal part, "diagonal_drift" = ||diag(M) - 1||.
+    Reading: w~_i = sum_j M_ij phi_j, so M_ij > 0 (i != j) lets expert j's Shapley value raise expert
+    i's weight and M_ij < 0 lowers it. At init the diagonal is exactly 1 and the off-diagonal is
+    U(-0.1, 0.1), of expected norm sqrt(k (k - 1) / 300) ("init_off_diagonal"). {} without shapley routers."""
+    mats = {n: layer.router.lora_M.detach().float().cpu() for n, layer in adapter_layers(model)
+            if layer.routed and layer.router.kind == "shapley"}
+    if not mats:
+        return {}
+
+    def distances(M):
+        eye = torch.eye(M.shape[0])
+        return {"M": M.tolist(), "identity_distance": (M - eye).norm().item(),
+                "off_diagonal": (M * (1 - eye)).norm().item(), "diagonal_drift": (M.diagonal() - 1).norm().item()}
+
+    k = next(iter(mats.values())).shape[0]
+    mean = torch.stack(list(mats.values())).mean(0)  # (k, k)
+    return {"layers": {n: distances(M) for n, M in mats.items()}, "mean": distances(mean),
+            "init_off_diagonal": math.sqrt(k * (k - 1) / 300)}
 
 
 def merge_adapters(model):

@@ -347,7 +347,8 @@ def test_main_one_process_then_two_gloo_ranks_agree(run_dir, capsys):
     ev.main(["--ckpt", str(run), "--limit", "4", "--batch-size", "8", "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
     one = json.loads((run / "eval.json").read_text())
-    assert set(one) == {"average", "tasks", "majority", "routing", "data", "limit"} and one["limit"] == 4
+    # interaction: the run is TeamLoRA with its shapley routers (tests/test_analyses.py checks the rest)
+    assert set(one) == {"average", "tasks", "majority", "routing", "data", "limit", "interaction"} and one["limit"] == 4
     predicted = [json.loads(line) for line in open(run / "predictions.jsonl")]
     assert len(predicted) == 5 * 4 and set(predicted[0]) == {"task", "input", "gold", "predicted", "score", "correct"}
     for task, scores in one["tasks"].items():  # each line agrees with the scores
