@@ -26,6 +26,7 @@ import eval as evaluation
 import export
 import model as model_py
 import pretrain
+import runs
 import train
 from model import ModelArgs, Transformer
 
@@ -151,16 +152,16 @@ def test_resume_takes_the_runs_own_flags(setup, tmp_path, monkeypatch):  # noqa:
     training flag had to be repeated before; a flag given that differs is still refused."""
     out = tmp_path / "cut"
     argv = flags(setup, out, "--max-steps", "2", "--save-every", "1", "--batch-size", "2", "--rank", "3", "--no-eval")
-    save = train.save
+    save = runs.save
 
     def save_then_die(*a, **k):
         save(*a, **k)
         raise Crash
 
-    monkeypatch.setattr(train, "save", save_then_die)
+    monkeypatch.setattr(runs, "save", save_then_die)
     with pytest.raises(Crash):
         train.main(argv)
-    monkeypatch.setattr(train, "save", save)
+    monkeypatch.setattr(runs, "save", save)
     train.main(["--out", str(out), "--resume"])
     assert [r["step"] for r in log(out)] == [1, 2]
     config, given = torch.load(out / "checkpoint.pt", weights_only=True)["config"], vars(train.get_args(argv))
