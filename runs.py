@@ -120,12 +120,15 @@ def restore(ckpt, model, adapter, opt, sched, epoch_size):
     """Trained tensors, optimizer and scheduler from a checkpoint (under FSDP each rank keeps its
     shard of them); returns its progress."""
     sharded = sharding.is_sharded(model)
-    if sharded:
-        sharding.load_full(model, ckpt["tensors"])  # a tied output layer is stored once, as its embedding
-    elif adapter is None:
-        model.load_state_dict(ckpt["tensors"], strict=False)  # a tied output layer is stored once
-    else:
-        teamlora.load_adapter_state_dict(model, ckpt["tensors"])
+    try:  # a --base of another shape than the run's is the user's mistake, not a bug
+        if sharded:
+            sharding.load_full(model, ckpt["tensors"])  # a tied output layer is stored once, as its embedding
+        elif adapter is None:
+            model.load_state_dict(ckpt["tensors"], strict=False)  # a tied output layer is stored once
+        else:
+            teamlora.load_adapter_state_dict(model, ckpt["tensors"])
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--resume: the run's trained tensors do not fit this base ({str(e).splitlines()[0]})") from None
     opt.load_state_dict(sharding.shard_optimizer(ckpt["optimizer"], opt) if sharded else ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     return {**{k: ckpt[k] for k in ("step", "train_time", "tokens", "loss")}, "skipped": ckpt.get("skipped", 0),
