@@ -22,7 +22,7 @@ A train.py output directory OUT holds (save_checkpoint and read_checkpoint, side
                            optimizer, scheduler, rng (one dict per rank; a resume onto another
                                       number of ranks starts new dropout streams)
                            data       {"epoch", "offset", "examples_seen"}: where all ranks
-                                      together stand in the global stream of examples (train.py's
+                                      together stand in the global stream of examples (runs.py's
                                       example_stream), so any number of ranks can continue it
 
 Exit statuses (cli): 0 done; 1 a bug (its traceback); 2 a user's error; and a run that stopped

@@ -26,6 +26,7 @@ import eval as evaluation
 import export
 import model as model_py
 import pretrain
+import runs
 import train
 from model import ModelArgs, Transformer
 
@@ -151,16 +152,16 @@ def test_resume_takes_the_runs_own_flags(setup, tmp_path, monkeypatch):  # noqa:
     training flag had to be repeated before; a flag given that differs is still refused."""
     out = tmp_path / "cut"
     argv = flags(setup, out, "--max-steps", "2", "--save-every", "1", "--batch-size", "2", "--rank", "3", "--no-eval")
-    save = train.save
+    save = runs.save
 
     def save_then_die(*a, **k):
         save(*a, **k)
         raise Crash
 
-    monkeypatch.setattr(train, "save", save_then_die)
+    monkeypatch.setattr(runs, "save", save_then_die)
     with pytest.raises(Crash):
         train.main(argv)
-    monkeypatch.setattr(train, "save", save)
+    monkeypatch.setattr(runs, "save", save)
     train.main(["--out", str(out), "--resume"])
     assert [r["step"] for r in log(out)] == [1, 2]
     config, given = torch.load(out / "checkpoint.pt", weights_only=True)["config"], vars(train.get_args(argv))
@@ -261,3 +262,18 @@ def test_resume_finds_a_moved_base_by_base(setup, tmp_path, capsys):  # noqa: F8
     refused(capsys, train.main, ["--out", str(out), "--resume"], str(base))  # gone: one line naming it
     train.main(["--out", str(out), "--resume", "--base", str(tmp_path / "moved")])
     assert "finished its 1 steps already" in capsys.readouterr().out
+
+
+
+def test_resume_onto_a_base_of_another_shape_is_one_line(setup, tmp_path, capsys):  # noqa: F811
+    """The run's base gone and --base naming one of another shape: one line naming the mismatch."""
+    base, other = tmp_path / "base", tmp_path / "other"
+    shutil.copytree(setup[0], base)
+    shutil.copytree(setup[0], other)
+    Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=model_py.load_tokenizer(other).n_words,
+                          hidden_dim=64, max_seq_len=128)).save_pretrained(other)  # FFN 64 wide, not 48
+    out = tmp_path / "run"
+    train.main(flags((base, setup[1]), out, "--max-steps", "1", "--batch-size", "2", "--no-eval"))
+    capsys.readouterr()
+    shutil.rmtree(base)
+    refused(capsys, train.main, ["--out", str(out), "--resume", "--base", str(other)], "do not fit this base")

@@ -20,6 +20,7 @@ import torch
 
 import common
 import data
+import runs
 import train
 from test_train import ROOT, adapters, flags, log, setup  # noqa: F401 (setup: the fixture)
 
@@ -206,23 +207,23 @@ def test_the_data_position_is_global():
     size = len(sampler)
 
     def steps(position, world, per_rank, n):  # n global steps: the examples each takes, all ranks together
-        streams = [train.example_stream(sampler, position, r, world) for r in range(world)]
+        streams = [runs.example_stream(sampler, position, r, world) for r in range(world)]
         return [sorted(x for s in streams for x in (next(s) for _ in range(per_rank))) for _ in range(n)]
 
     for world, per_rank in ((1, 2), (2, 1), (2, 2)):
-        whole = steps(train.START, world, per_rank, 9)  # about three epochs
+        whole = steps(runs.START, world, per_rank, 9)  # about three epochs
         for k in range(9):
-            there = train.advance(train.START, k * world * per_rank, size, world)
+            there = runs.advance(runs.START, k * world * per_rank, size, world)
             assert steps(there, world, per_rank, 9 - k) == whole[k:], (world, per_rank, k)
     legacy = {"step": 3, "rng": [{}, {}], "config": {"batch_size": 2, "grad_accum": 1}, "data": {"examples_seen": 6}}
     for rank in range(2):  # a checkpoint of the format before: each rank went on from step x its own batch
         shard = data.MixtureSampler([0] * 7 + [1] * 4, seed=3, rank=rank, world_size=2)
         before = [i for e in range(3) for i in shard.epoch(e)][6:]  # as train.py's batches took them then
-        now = train.example_stream(sampler, train.data_position(legacy, size), rank, 2)
+        now = runs.example_stream(sampler, runs.data_position(legacy, size), rank, 2)
         assert [next(now) for _ in before] == before
-    whole = steps(train.START, 2, 2, 2)  # one process now takes what two took, and the reverse
-    assert steps(train.advance(train.START, 4, size, 2), 1, 4, 1) == whole[1:]
-    assert steps(train.advance(train.START, 4, size, 1), 2, 2, 1) == steps(train.START, 1, 4, 2)[1:]
+    whole = steps(runs.START, 2, 2, 2)  # one process now takes what two took, and the reverse
+    assert steps(runs.advance(runs.START, 4, size, 2), 1, 4, 1) == whole[1:]
+    assert steps(runs.advance(runs.START, 4, size, 1), 2, 2, 1) == steps(runs.START, 1, 4, 2)[1:]
 
 
 def test_each_log_record_is_on_disk_before_the_next_step(setup, tmp_path, monkeypatch):
@@ -256,7 +257,7 @@ def test_a_checkpoint_write_that_finds_the_disk_full_stops_and_keeps_the_last(se
 def test_a_log_write_that_fails_is_one_line(setup, tmp_path, monkeypatch, capsys):
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full (Linux) for a real ENOSPC")
-    monkeypatch.setattr(train, "open_log", lambda out, step: open("/dev/full", "a", buffering=1))
+    monkeypatch.setattr(runs, "open_log", lambda out, step: open("/dev/full", "a", buffering=1))
     with pytest.raises(SystemExit) as e:
         common.cli(train.main, flags(setup, tmp_path / "run", "--max-steps", "2", "--batch-size", "2", "--no-eval"))
     assert e.value.code == 6

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import common
 import data
 import eval as evaluation
+import runs
 import teamlora as tl
 import train
 from model import ModelArgs, Transformer, load_tokenizer
@@ -270,16 +271,16 @@ def test_train_quantize_nf4_end_to_end(tiny_run, tmp_path, monkeypatch):
     flags = ["--base", str(base), "--data", str(mix), "--out", str(out), "--quantize", "nf4", "--rank", "2",
              "--experts", "2", "--seq-len", "96", "--batch-size", "4", "--lr", "1e-2", "--save-every", "2",
              "--max-steps", "4", "--no-eval"]
-    save = train.save
+    save = runs.save
 
     def save_then_stop(*a, **k):
         save(*a, **k)
         raise KeyboardInterrupt  # the run stops right after its step-2 checkpoint
 
-    monkeypatch.setattr(train, "save", save_then_stop)
+    monkeypatch.setattr(runs, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train.main(flags)
-    monkeypatch.setattr(train, "save", save)
+    monkeypatch.setattr(runs, "save", save)
     train.main(flags + ["--resume"])  # rebuilds the same 4-bit base from the run's config
     ckpt = common.read_checkpoint(out)
     assert ckpt["step"] == 4 and ckpt["config"]["quantize"] == "nf4"

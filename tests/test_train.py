@@ -18,6 +18,7 @@ import data
 import eval as evaluation
 import model as model_py
 import report
+import runs
 import teamlora
 import train
 from model import ModelArgs, Transformer, load_tokenizer
@@ -99,16 +100,16 @@ class Crash(Exception):
 def test_killed_and_resumed_run_ends_with_the_same_weights(setup, tmp_path, monkeypatch):
     args = ["--max-steps", "6", "--save-every", "3", "--batch-size", "3", "--dropout", "0.1", "--no-eval"]
     train.main(flags(setup, tmp_path / "whole", *args))
-    save = train.save
+    save = runs.save
 
     def save_then_die(*a, **k):
         save(*a, **k)
         raise Crash  # the process dies right after its step-3 checkpoint
 
-    monkeypatch.setattr(train, "save", save_then_die)
+    monkeypatch.setattr(runs, "save", save_then_die)
     with pytest.raises(Crash):
         train.main(flags(setup, tmp_path / "cut", *args))
-    monkeypatch.setattr(train, "save", save)
+    monkeypatch.setattr(runs, "save", save)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
     train.main(flags(setup, tmp_path / "cut", *args, "--resume"))
     whole, cut = adapters(tmp_path / "whole"), adapters(tmp_path / "cut")
@@ -158,16 +159,16 @@ def test_killed_run_resumes_with_its_token_count(setup, tmp_path, monkeypatch):
     """tokens/s after a resume: the token count is saved and restored with the time (it restarted at 0)."""
     args = ["--max-steps", "4", "--save-every", "2", "--batch-size", "3", "--no-eval"]
     train.main(flags(setup, tmp_path / "whole", *args))
-    save = train.save
+    save = runs.save
 
     def save_then_die(*a, **k):
         save(*a, **k)
         raise Crash
 
-    monkeypatch.setattr(train, "save", save_then_die)
+    monkeypatch.setattr(runs, "save", save_then_die)
     with pytest.raises(Crash):
         train.main(flags(setup, tmp_path / "cut", *args))
-    monkeypatch.setattr(train, "save", save)
+    monkeypatch.setattr(runs, "save", save)
     train.main(flags(setup, tmp_path / "cut", *args, "--resume"))
     whole, cut = summary(tmp_path / "whole"), summary(tmp_path / "cut")
     assert cut["tokens"] == whole["tokens"] > 0
@@ -584,12 +585,12 @@ def test_fsdp_two_gloo_ranks_equal_one_process_and_resume_bit_exact(setup, tmp_p
     # Killed right after its step-2 checkpoint (the project's format, full tensors), resumed under FSDP.
     cut = tmp_path / "cut"
     die = tmp_path / "die_after_step_2.py"
-    die.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import common, train\n"
-                   "save = train.save\n"
+    die.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import common, runs, train\n"
+                   "save = runs.save\n"
                    "def save_then_die(*a, **k):\n"
                    "    save(*a, **k)\n"
                    "    if a[5]['step'] == 2: raise SystemExit(3)\n"
-                   "train.save = save_then_die\n"
+                   "runs.save = save_then_die\n"
                    "common.cli(train.main)\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(die),
            *flags(setup, cut, "--batch-size", "2", "--fsdp", *common_)]
@@ -639,16 +640,16 @@ def test_the_resume_dict_is_freed_once_restored(setup, tmp_path, monkeypatch):
     import gc
     import weakref
     args = flags(setup, tmp_path / "run", "--max-steps", "3", "--save-every", "2", "--batch-size", "2", "--no-eval")
-    save, read, record, refs, alive = train.save, common.read_checkpoint, train.record, [], []
+    save, read, record, refs, alive = runs.save, common.read_checkpoint, runs.record, [], []
 
     def save_then_die(*a, **k):
         save(*a, **k)
         raise Crash
 
-    monkeypatch.setattr(train, "save", save_then_die)
+    monkeypatch.setattr(runs, "save", save_then_die)
     with pytest.raises(Crash):
         train.main(args)
-    monkeypatch.setattr(train, "save", save)
+    monkeypatch.setattr(runs, "save", save)
 
     class Held(dict):  # a dict a weak reference can follow
         pass
@@ -663,7 +664,7 @@ def test_the_resume_dict_is_freed_once_restored(setup, tmp_path, monkeypatch):
         return record(*a, **k)
 
     monkeypatch.setattr(common, "read_checkpoint", reading)
-    monkeypatch.setattr(train, "record", checking)
+    monkeypatch.setattr(runs, "record", checking)
     train.main(args + ["--resume"])
     assert len(refs) == 1 and alive == [False]  # step 3 ran without it
 
