@@ -11,8 +11,8 @@
   of tokens whose top expert holds more than half the weight, and the entropy / log k.
 
 Computations return plain dicts (eval.json's); the *_table functions return (header, rows, notes)
-for eval.py's table printer; save_* draw OUT/interaction.png and OUT/routing_layers.png.
-Imports only teamlora (and matplotlib when drawing), so eval.py may import it.
+for report.py's table printer; save_* draw OUT/interaction.png and OUT/routing_layers.png.
+Imports only teamlora (and matplotlib when drawing), so eval.py and report.py may import it.
 """
 import math
 

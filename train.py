@@ -40,6 +40,7 @@ import teamlora
 from common import UserError, cli
 from export import HF_MODULES
 from model import Transformer
+from report import write_results
 
 # The defaults of the flags whose help says "preset". tiny: the quick start on the tiny base.
 # cpu: small real bases on a CPU. paper: the paper's recipe (README, Method notes). 0 = no limit.
@@ -490,8 +491,7 @@ def final_eval(base, tok, train_set, test_set, args, report, progress, device):
     results = evaluation.evaluate(model, tok, test_set, args.seq_len, limit=args.eval_limit or None,
                                   majority=evaluation.majority_labels(train_set), predictions=predictions)
     if common.is_main():
-        evaluation.write_results(args.out, {**results, "data": args.data, "limit": args.eval_limit or None},
-                                 predictions)
+        write_results(args.out, {**results, "data": args.data, "limit": args.eval_limit or None}, predictions)
         print(f"{args.method}: {report['trainable']:,} trainable parameters ({report['trainable_pct']:.3f}% "
               f"of the base; router {report['router']:,}); trained {progress['train_time']:.0f} s; -> {args.out}")
 

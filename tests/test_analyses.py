@@ -16,6 +16,7 @@ from test_eval import SEQ_LEN, first_per_task, routed, run_dir  # noqa: F401 (ru
 import analyses
 import common
 import eval as ev
+import report
 import teamlora
 from model import ModelArgs, Transformer
 
@@ -148,7 +149,7 @@ def test_routing_top_half_and_normalised_entropy_by_hand(sp_tokenizer, builtin_m
     assert stats["layers_top_half"] == pytest.approx(tops) and stats["layers_entropy_norm"] == pytest.approx(ents)
     assert stats["top_half"] == pytest.approx(sum(tops.values()) / 3)
     assert stats["entropy_norm"] == pytest.approx(stats["entropy"] / math.log(3))
-    text = ev.format_table({"tasks": {}, "average": None, "majority": {"average": None, "tasks": {}},
+    text = report.format_table({"tasks": {}, "average": None, "majority": {"average": None, "tasks": {}},
                             "routing": {"spam": stats}})
     assert "top>1/2" in text and "per layer (3 layers" in text
 
@@ -177,7 +178,7 @@ def test_eval_knockout_end_to_end_and_a_lora_refusal(run_dir, tmp_path, capsys):
     summary = json.loads((other / "summary.json").read_text())
     summary["config"]["seed"] += 1  # another seed of the setup, not a copy of the run
     (other / "summary.json").write_text(json.dumps(summary))
-    table = ev.compare([str(run), str(other)])
+    table = report.compare([str(run), str(other)])
     assert "top1_keeps%" in table.splitlines()[0]
     # a LoRA run is refused in one line before any weights load
     lora = tmp_path / "lora"

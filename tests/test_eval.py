@@ -17,6 +17,8 @@ import torch.nn as nn
 import common
 import data
 import eval as ev
+import metrics
+import report
 import teamlora
 from data import IGNORE, Example
 from model import ModelArgs, Transformer
@@ -31,29 +33,29 @@ def test_accuracy_and_macro_f1_on_an_unbalanced_task():
     gold = ["ham"] * 9 + ["spam"]
     always_ham = ["ham"] * 10
     labels = ["ham", "spam"]
-    assert ev.accuracy(ev.confusion(always_ham, gold, labels)) == pytest.approx(0.9)
+    assert metrics.accuracy(metrics.confusion(always_ham, gold, labels)) == pytest.approx(0.9)
     # F1(ham) = 2*9 / (2*9 + 1 FP + 0 FN) = 18/19; F1(spam) = 0 (its one example missed): mean 9/19.
-    assert ev.macro_f1(ev.confusion(always_ham, gold, labels)) == pytest.approx(9 / 19)
+    assert metrics.macro_f1(metrics.confusion(always_ham, gold, labels)) == pytest.approx(9 / 19)
     # A label neither gold nor predicted is skipped, not counted as F1 = 0.
-    assert ev.macro_f1(ev.confusion(always_ham, gold, labels + ["phishing"])) == pytest.approx(9 / 19)
+    assert metrics.macro_f1(metrics.confusion(always_ham, gold, labels + ["phishing"])) == pytest.approx(9 / 19)
     # The spam found, one ham lost: ham TP 8 FN 1 -> F1 16/17; spam TP 1 FP 1 -> F1 2/3.
     pred = ["ham"] * 8 + ["spam", "spam"]
-    assert ev.accuracy(ev.confusion(pred, gold, labels)) == pytest.approx(0.9)
-    assert ev.macro_f1(ev.confusion(pred, gold, labels)) == pytest.approx((16 / 17 + 2 / 3) / 2)
+    assert metrics.accuracy(metrics.confusion(pred, gold, labels)) == pytest.approx(0.9)
+    assert metrics.macro_f1(metrics.confusion(pred, gold, labels)) == pytest.approx((16 / 17 + 2 / 3) / 2)
     with pytest.raises(ValueError, match="not one of"):
-        ev.confusion(["eggs"], ["ham"], labels)
+        metrics.confusion(["eggs"], ["ham"], labels)
 
 
 def test_exact_match_and_rouge_l():
-    assert ev.exact_match(" Neutral\n", "neutral") == 1.0  # case and surrounding whitespace ignored
-    assert ev.exact_match("the  cat", "the cat") == 1.0
-    assert ev.exact_match("neutral.", "neutral") == 0.0
+    assert metrics.exact_match(" Neutral\n", "neutral") == 1.0  # case and surrounding whitespace ignored
+    assert metrics.exact_match("the  cat", "the cat") == 1.0
+    assert metrics.exact_match("neutral.", "neutral") == 0.0
     # LCS("the cat sat on the mat", "the cat is on a mat") = the cat on mat = 4; P = R = 4/6.
-    assert ev.rouge_l("the cat sat on the mat", "the cat is on a mat") == pytest.approx(2 / 3)
+    assert metrics.rouge_l("the cat sat on the mat", "the cat is on a mat") == pytest.approx(2 / 3)
     # LCS("a b c d", "b d e") = b d = 2; P = 2/4, R = 2/3, F = 2PR/(P+R) = 4/7.
-    assert ev.rouge_l("a b c d", "b d e") == pytest.approx(4 / 7)
-    assert ev.rouge_l("x y", "z") == 0.0
-    assert ev.rouge_l("", "") == 1.0 and ev.rouge_l("x", "") == 0.0
+    assert metrics.rouge_l("a b c d", "b d e") == pytest.approx(4 / 7)
+    assert metrics.rouge_l("x y", "z") == 0.0
+    assert metrics.rouge_l("", "") == 1.0 and metrics.rouge_l("x", "") == 0.0
 
 
 # ----------------------------------------------------------------------------- choice scoring
@@ -269,7 +271,7 @@ def test_evaluate_counts_a_rigged_model_exactly(sp_tokenizer, builtin_mixture):
     assert set(results["tasks"]) == {"nli", "sentiment", "spam", "supersense"}
     assert results["average"] == pytest.approx(sum(t["accuracy"] for t in results["tasks"].values()) / 4)
     assert results["routing"] == {}
-    table = ev.format_table(results)
+    table = report.format_table(results)
     for word in ("spam", "supersense", "average", "majority"):
         assert word in table
 
@@ -286,7 +288,7 @@ def test_majority_baseline_is_the_training_majority_on_choice_tasks_only(tiny, s
     assert results["majority"]["tasks"] == {"spam": pytest.approx(1 / 5), "copy": None}
     assert results["majority"]["answers"] == {"spam": "spam", "copy": None}
     assert results["majority"]["average"] is None  # over one task of two: it would not compare with "average"
-    rows = {line.split()[0]: line.split() for line in ev.format_table(results).splitlines()[1:4]}
+    rows = {line.split()[0]: line.split() for line in report.format_table(results).splitlines()[1:4]}
     assert rows["spam"][3] == "0.200" and rows["copy"][3] == "-" and rows["average"][3] == "-"
 
 
@@ -393,7 +395,7 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
          "adapter": {"method": "lora", "rank": 8}, "trainable": 999, "trainable_pct": 0.75, "router_params": 0,
          "train_time_s": 60.0, "tokens_per_s": 5000.0, "steps": 10}))
     with pytest.raises(FileNotFoundError, match=r"lora.eval\.json"):
-        ev.compare([other])
+        report.compare([other])
     (other / "eval.json").write_text(json.dumps(
         {"average": 0.625, "tasks": {"spam": {"n": 4, "accuracy": 0.75, "macro_f1": 0.5},
                                      "copy": {"n": 4, "exact_match": 0.5, "rouge_l": 0.6}},
@@ -404,7 +406,7 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
     (run / "eval.json").write_text(json.dumps(
         {"average": 0.8, "tasks": {"spam": {"n": 4, "accuracy": 0.8, "macro_f1": 0.7}},
          "majority": {"average": 0.75, "tasks": {"spam": 0.75}}, "routing": {}}))
-    lines = ev.compare([other, run]).splitlines()
+    lines = report.compare([other, run]).splitlines()
     assert lines[0].split() == ["run", "base", "method", "rank", "experts", "router", "trainable%", "time_s",
                                 "tokens/s", "n", "average", "copy", "spam"]
     lora = lines[1].split()
@@ -425,7 +427,7 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
         (d / "summary.json").write_text(json.dumps({**s, "config": {**s["config"], "seed": seed}}))
         (d / "eval.json").write_text((other / "eval.json").read_text().replace("0.625", str(avg)))
         seeds.append(d)
-    lines = ev.compare(seeds).splitlines()
+    lines = report.compare(seeds).splitlines()
     assert len(lines) == 3 + 2  # header, lora (2 seeds), majority, two footnotes
     assert "(+1 seeds)" in lines[1] and "0.600 ± 0.141" in lines[1]
     assert lines[2].split()[:3] == ["majority", "class", "-"] and lines[2].split()[-4:] == ["8", "-", "-", "0.750"]
@@ -433,7 +435,7 @@ def test_compare_lists_every_run_and_names_a_missing_eval(run_dir, tmp_path):
 
 def test_routing_heatmap(tmp_path):
     pytest.importorskip("matplotlib")
-    ev.save_heatmap({"nli": {"mean": [0.7, 0.3]}, "spam": {"mean": [0.4, 0.6]}}, tmp_path / "routing.png")
+    report.save_heatmap({"nli": {"mean": [0.7, 0.3]}, "spam": {"mean": [0.4, 0.6]}}, tmp_path / "routing.png")
     assert (tmp_path / "routing.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -457,7 +459,7 @@ def test_compare_averages_only_runs_that_differ_in_the_seed(tmp_path):
     (elsewhere / "summary.json").write_text((tmp_path / "base-s1" / "summary.json").read_text())
     (elsewhere / "eval.json").write_text(json.dumps({**json.loads((tmp_path / "base-s1" / "eval.json").read_text()),
                                                      "data": "elsewhere/"}))
-    lines = ev.compare([tmp_path / name for name in runs] + [elsewhere]).splitlines()
+    lines = report.compare([tmp_path / name for name in runs] + [elsewhere]).splitlines()
     assert len(lines) == 1 + 7 + 1 + 2  # header, 7 setups, majority, footnotes
     assert "(+1 seeds)" in lines[1] and sum("seeds" in line for line in lines[2:-1]) == 0
     assert lines[-4].startswith(str(elsewhere))

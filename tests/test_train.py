@@ -17,6 +17,7 @@ import common
 import data
 import eval as evaluation
 import model as model_py
+import report
 import runs
 import teamlora
 import train
@@ -538,7 +539,7 @@ def test_summary_holds_the_router_used_and_compare_shows_it(setup, tmp_path):
     out = tmp_path / "run"
     train.main(flags(setup, out, "--max-steps", "1", "--batch-size", "2", "--eval-limit", "1"))
     assert summary(out)["config"]["router"] is None and summary(out)["adapter"]["router"] == "shapley"
-    assert "shapley" in evaluation.compare([out]).splitlines()[1].split()
+    assert "shapley" in report.compare([out]).splitlines()[1].split()
 
 
 def test_the_base_is_stored_as_given_and_found_after_a_move(setup, tmp_path, monkeypatch, capsys):
