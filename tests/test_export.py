@@ -170,10 +170,12 @@ def run(*cmd):
     return res.stdout
 
 
-def test_commands_export_and_generate(tmp_path):
+def copy_task(tmp_path, n):
+    """A one-task mixture of n "repeat the last word" examples and a tiny random Hugging Face-layout
+    base whose tokenizer knows the template; returns the base's directory."""
     rng = random.Random(0)
     with open(tmp_path / "mix.jsonl", "w") as f:
-        for _ in range(16):
+        for _ in range(n):
             words = rng.sample(WORDS, 4)
             f.write(json.dumps({"task": "copy", "instruction": "Repeat the last word.", "input": " ".join(words),
                                 "output": words[-1]}) + "\n")
@@ -182,6 +184,11 @@ def test_commands_export_and_generate(tmp_path):
                          + ["### Instruction:\nRepeat the last word.\n\n### Input:\n\n\n### Response:\n"] * 20,
                          base_dir / "tokenizer", vocab_size=300)
     write_hf(tiny(vocab_size=load_tokenizer(base_dir).n_words), base_dir)
+    return base_dir
+
+
+def test_commands_export_and_generate(tmp_path):
+    base_dir = copy_task(tmp_path, 16)
     out = tmp_path / "run"
     run("train.py", "--base", str(base_dir), "--data", str(tmp_path / "mix.jsonl"), "--out", str(out),
         "--method", "teamlora", "--rank", "2", "--experts", "2", "--targets", "wq,wk,w2", "--seq-len", "64",
@@ -210,17 +217,7 @@ def test_export_reads_no_weight_of_the_base(tmp_path, monkeypatch):
     import model as model_py
     import train
 
-    rng = random.Random(0)
-    with open(tmp_path / "mix.jsonl", "w") as f:
-        for _ in range(8):
-            words = rng.sample(WORDS, 4)
-            f.write(json.dumps({"task": "copy", "instruction": "Repeat the last word.", "input": " ".join(words),
-                                "output": words[-1]}) + "\n")
-    base_dir = tmp_path / "base"
-    data.train_tokenizer([" ".join(rng.sample(WORDS, 6)) for _ in range(200)]
-                         + ["### Instruction:\nRepeat the last word.\n\n### Input:\n\n\n### Response:\n"] * 20,
-                         base_dir / "tokenizer", vocab_size=300)
-    write_hf(tiny(vocab_size=load_tokenizer(base_dir).n_words), base_dir)
+    base_dir = copy_task(tmp_path, 8)
     out = tmp_path / "run"
     train.main(["--base", str(base_dir), "--data", str(tmp_path / "mix.jsonl"), "--out", str(out), "--method",
                 "teamlora", "--rank", "2", "--experts", "2", "--targets", "wq,w2", "--seq-len", "64", "--batch-size",
